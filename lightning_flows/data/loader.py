@@ -1,0 +1,78 @@
+"""Batches sliced from tensors already in memory, sharded across DDP ranks.
+
+A torch ``DataLoader`` over a ``TensorDataset`` calls ``__getitem__`` once per example and collates
+in Python; for datasets that fit in memory that overhead dominates a small model's step. This
+iterable indexes the whole batch at once. Sharding follows ``torch.distributed`` when it is
+initialised, so each rank sees its own part of every epoch and every rank yields the same number
+of batches (a rank that runs out early would deadlock DDP's gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class InMemoryBatches:
+    """Iterate over ``transform(data[idx], generator)`` for batches of indices ``idx``.
+
+    Args:
+        data: ``(N, ...)`` tensor holding the whole split.
+        batch_size: examples per batch on each rank.
+        transform: ``(raw_batch, indices, generator) -> batch``, e.g. dequantisation.
+        shuffle: reshuffle every epoch (training). Evaluation order is fixed.
+        drop_last: drop the incomplete last batch (training); evaluation keeps every example
+            exactly once across ranks, in equally many (possibly uneven) batches per rank.
+        seed: shuffling and per-batch noise derive from ``(seed, epoch, rank)``.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, transform: Callable[[Tensor, Tensor, torch.Generator], Tensor],
+                 shuffle: bool, drop_last: bool, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.transform = data, batch_size, transform
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+
+    def _rank_indices(self) -> tuple[Tensor, int]:
+        rank, world = _rank_and_world()
+        n = len(self.data)
+        if self.shuffle:
+            # Same permutation on every rank (same seed), then each rank takes its stride.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        else:
+            order = torch.arange(n)
+        if self.drop_last:
+            per_rank = n // world
+            return order[rank * per_rank:(rank + 1) * per_rank], per_rank
+        return order[rank::world], math.ceil(n / world)
+
+    def __len__(self) -> int:
+        _, world = _rank_and_world()
+        n = len(self.data)
+        if self.drop_last:
+            return (n // world) // self.batch_size
+        return math.ceil(math.ceil(n / world) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        rank, _ = _rank_and_world()
+        indices, _ = self._rank_indices()
+        n_batches = len(self)
+        if self.drop_last:
+            chunks = indices[: n_batches * self.batch_size].split(self.batch_size)
+        else:
+            # tensor_split keeps the batch count equal on every rank without padding or repeats.
+            chunks = torch.tensor_split(indices, n_batches) if n_batches > 0 else ()
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 64 + rank)
+        self.epoch += 1
+        for idx in chunks:
+            yield self.transform(self.data[idx], idx, generator)

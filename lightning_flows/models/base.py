@@ -1,0 +1,84 @@
+"""The interface every generative family implements, so that one evaluation path serves all.
+
+A family subclasses :class:`GenerativeModel`, declares ``likelihood`` (the lecture table's
+"Likelihood" column), implements ``training_loss`` (its objective), ``sample`` and, where it has
+one, ``log_prob``. Logging names are shared: ``train/loss``, ``val/loss``, ``test/loss``.
+Everything is in *model space*; the DataModule maps to pixels and to bits/dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+Likelihood = Literal["exact", "bound", "none"]
+
+
+class GenerativeModel(L.LightningModule):
+    """Base class of every family.
+
+    Args:
+        data_shape: shape of one example in model space, e.g. ``(2,)`` or ``(1, 8, 8)``; the CLI links
+            it from the DataModule, so configs do not repeat it.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+    """
+
+    likelihood: Likelihood = "none"
+
+    def __init__(self, data_shape: Sequence[int] = (2,), lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.lr, self.weight_decay = lr, weight_decay
+        # Cost of the most recent ``sample`` call: network evaluations (NFE) per sample.
+        self.last_sample_nfe: int | None = None
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.data_shape)
+
+    # ---- what a family implements ----
+    def training_loss(self, x: Tensor) -> Tensor:
+        """Scalar objective on a batch ``x: (B, *data_shape)`` in model space."""
+        raise NotImplementedError
+
+    def sample(self, n: int) -> Tensor:
+        """``n`` samples in model space, ``(n, *data_shape)``."""
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``x: (B, *data_shape)`` -> ``(B,)`` log-density in nats (exact or a lower bound)."""
+        raise NotImplementedError(f"{type(self).__name__} has likelihood='{self.likelihood}' and no log_prob.")
+
+    # ---- shared Lightning plumbing ----
+    def _check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"{type(self).__name__} was built for examples of shape {self.data_shape} but got "
+                             f"a batch of shape {tuple(x.shape)}; check that the model and data configs agree.")
+
+    def _step(self, batch: Tensor, stage: str) -> Tensor:
+        self._check_input(batch)
+        loss = self.training_loss(batch)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train",
+                 batch_size=batch.shape[0])
+        return loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets `lightning-flows sample --ckpt` rebuild the right class without a config file.
+        checkpoint["lightning_flows_model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

@@ -1,0 +1,41 @@
+"""Time-conditioned MLP for vector data: a velocity / noise / score network ``f(x, t)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flows.nn.time_embedding import SinusoidalTimeEmbedding, broadcast_time
+
+ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation '{name}'. Choose one of: {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
+
+
+class TimeMLP(nn.Module):
+    """``f(x, t)`` with ``x: (B, D)``, ``t`` scalar or ``(B,)`` -> ``(B, D)``.
+
+    The time embedding is concatenated to the input of every hidden layer, which keeps the field
+    strongly time-dependent even when deep (a single input concat fades with depth).
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 32,
+                 activation: str = "silu", out_dim: int | None = None):
+        super().__init__()
+        self.dim = dim
+        self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        widths = [dim] + [hidden] * depth
+        self.hidden = nn.ModuleList(nn.Linear(w + time_dim, hidden) for w in widths[:-1])
+        self.act = make_activation(activation)
+        self.out = nn.Linear(hidden + time_dim, out_dim or dim)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        emb = self.time_embed(broadcast_time(t, x.shape[0], x))
+        h = x
+        for layer in self.hidden:
+            h = self.act(layer(torch.cat([h, emb], dim=-1)))
+        return self.out(torch.cat([h, emb], dim=-1))
