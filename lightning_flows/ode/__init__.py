@@ -1,9 +1,17 @@
 """ODE machinery shared by CNFs, flow matching and the diffusion probability-flow ODE."""
 
+from lightning_flows.ode.cnf_dynamics import AugmentedDynamics
+from lightning_flows.ode.divergence import (
+    DIVERGENCE_KINDS, PROBE_KINDS, brute_force_divergence, exact_divergence, hutchinson_divergence, sample_probe,
+)
+from lightning_flows.ode.likelihood import ODELikelihood, ode_log_likelihood, standard_normal_log_prob
 from lightning_flows.ode.solve import (
     ADAPTIVE_METHODS, FIXED_STEP_METHODS, CountedField, ODESolution, ODEStepLimitExceeded, SolverConfig, as_solver_config,
     integrate,
 )
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "CountedField", "ODESolution", "ODEStepLimitExceeded",
-           "SolverConfig", "as_solver_config", "integrate"]
+           "SolverConfig", "as_solver_config", "integrate",
+           "AugmentedDynamics", "DIVERGENCE_KINDS", "PROBE_KINDS", "brute_force_divergence", "exact_divergence",
+           "hutchinson_divergence", "sample_probe", "ODELikelihood", "ode_log_likelihood",
+           "standard_normal_log_prob"]
