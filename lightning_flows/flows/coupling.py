@@ -1,0 +1,95 @@
+"""RealNVP's affine coupling layer (the lecture's formula) with a bounded scale, and its conditioners.
+
+Lecture: ``v1 = u1``, ``v2 = u2 * exp(s(u1)) + t(u1)``, ``log|det J| = sum_i s_i(u1)``, inverse
+``u2 = (v2 - t(v1)) * exp(-s(v1))``. Which coordinates form ``u1`` is given by a binary mask
+(checkerboard or channel for images, alternating for vectors).
+
+Stability (the lecture's "training instability ... aggressive scaling"): the raw network output is
+squashed, ``s = scale_bound * tanh(raw / scale_bound)``, so a single layer can never stretch a
+coordinate by more than ``exp(scale_bound)``; the conditioner's last layer starts at zero, so every
+coupling starts as the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flows.flows.base import Bijection, flatten_sum
+from lightning_flows.nn.mlp import make_activation
+
+
+class MLPConditioner(nn.Module):
+    """``(B, D) -> (B, 2D)``: raw scale and shift for vector data."""
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 2, activation: str = "silu"):
+        super().__init__()
+        widths = [dim] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), make_activation(activation)]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(widths[-1], 2 * dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x))
+
+
+class ConvConditioner(nn.Module):
+    """``(B, C, H, W) -> (B, 2C, H, W)``: Glow's 3x3 -> 1x1 -> 3x3 network, ``depth`` hidden 1x1 layers."""
+
+    def __init__(self, channels: int, hidden: int = 64, depth: int = 1, activation: str = "relu"):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, hidden, 3, padding=1), make_activation(activation)]
+        for _ in range(depth):
+            layers += [nn.Conv2d(hidden, hidden, 1), make_activation(activation)]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x))
+
+
+def bounded_scale(raw: Tensor, bound: float) -> Tensor:
+    """``bound * tanh(raw / bound)``: slope 1 at 0, never beyond ``+-bound`` (``bound <= 0``: unbounded)."""
+    return bound * torch.tanh(raw / bound) if bound > 0 else raw
+
+
+class AffineCoupling(Bijection):
+    """Affine coupling ``z = m*x + (1-m)*(x*exp(s) + t)`` with ``(s, t) = conditioner(m*x)``.
+
+    Args:
+        mask: ``(*shape)`` of 0/1, 1 = kept (``u1``, conditions the rest), 0 = transformed (``u2``).
+        conditioner: maps ``(B, *shape)`` to ``(B, 2*shape[0], *shape[1:])`` (raw s, then t).
+        scale_bound: ``|s| <= scale_bound`` per coordinate (see :func:`bounded_scale`).
+    """
+
+    def __init__(self, mask: Tensor, conditioner: nn.Module, scale_bound: float = 2.0):
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+        self.conditioner = conditioner
+        self.scale_bound = scale_bound
+
+    def _scale_shift(self, kept: Tensor) -> tuple[Tensor, Tensor]:
+        raw_s, t = self.conditioner(kept).chunk(2, dim=1)
+        free = 1.0 - self.mask
+        # Multiplying by (1 - mask) makes the kept coordinates an exact identity (s = t = 0 there).
+        return bounded_scale(raw_s, self.scale_bound) * free, t * free
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kept = x * self.mask
+        s, t = self._scale_shift(kept)
+        z = kept + (1.0 - self.mask) * (x * torch.exp(s) + t)
+        return z, flatten_sum(s)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        kept = z * self.mask
+        s, t = self._scale_shift(kept)
+        return kept + (1.0 - self.mask) * ((z - t) * torch.exp(-s))
+
+
+__all__ = ["AffineCoupling", "MLPConditioner", "ConvConditioner", "bounded_scale"]

@@ -1,0 +1,84 @@
+"""Glow (Kingma & Dhariwal 2018): steps of ActNorm -> invertible 1x1 conv -> affine coupling.
+
+Images: per level, squeeze, ``steps`` flow steps with conv couplings on channel halves, then (except
+at the last level) a learned prior for the factored-out half -- an affine coupling of that half
+conditioned on the kept half, which is exactly Glow's conditional Gaussian ``N(mu(h), sigma(h))`` --
+and the split. Vectors (toy 2D, flattened images): the 1x1 convolution becomes a dense invertible
+``D x D`` linear map, which is meaningful even for ``D = 2`` (it rotates/shears the coupling axes),
+so Glow runs on toy 2D data as well.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
+                                   InvertibleConv1x1, MLPConditioner, NormalizingFlow, Squeeze, Unsqueeze,
+                                   channel_mask, vector_mask)
+from lightning_flows.models.realnvp import (ExactFlowModel, flattened, preprocessing_layers,
+                                            resolve_architecture)
+
+
+class Glow(ExactFlowModel):
+    """Glow for vectors or images.
+
+    Args:
+        data_shape: one example's shape (linked from the DataModule by the CLI).
+        architecture: ``auto`` (multiscale for images, mlp for vectors), ``mlp`` or ``multiscale``.
+        levels: multi-scale levels ``L`` (images only; every level squeezes, so H and W must be
+            divisible by ``2**levels``).
+        steps: flow steps per level ``K`` (vectors: total steps).
+        hidden, depth, activation: coupling network width, hidden layers, activation.
+        scale_bound: ``|s| <= scale_bound`` in every coupling (stability).
+        learned_prior: condition each factored-out half on the kept half (Glow's split prior).
+        preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
+        logit_alpha: the logit's boundary margin.
+    """
+
+    def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
+                 steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
+                 scale_bound: float = 2.0, learned_prior: bool = True, preprocess: str = "auto",
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__(data_shape, lr, weight_decay)
+        self.save_hyperparameters()
+        if levels < 1 or steps < 1:
+            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
+        self.hidden, self.depth, self.activation = hidden, depth, activation
+        self.scale_bound, self.learned_prior = scale_bound, learned_prior
+        shape = self.data_shape
+        layers = preprocessing_layers(preprocess, shape, logit_alpha)
+        if resolve_architecture(architecture, shape) == "mlp":
+            layers += flattened(shape, self._vector_steps(self.dim, steps))
+        else:
+            layers.append(self._level(shape, levels, steps))
+        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+
+    def _vector_steps(self, dim: int, steps: int) -> list[Bijection]:
+        layers: list[Bijection] = []
+        for i in range(steps):
+            conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)
+            layers += [ActNorm(dim), InvertibleConv1x1(dim),
+                       AffineCoupling(vector_mask(dim, i), conditioner, self.scale_bound)]
+        return layers
+
+    def _conv_coupling(self, shape: tuple[int, int, int], parity: int) -> AffineCoupling:
+        conditioner = ConvConditioner(shape[0], self.hidden, self.depth - 1, self.activation)
+        return AffineCoupling(channel_mask(shape, parity), conditioner, self.scale_bound)
+
+    def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:
+        c, h, w = shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Glow level input {shape} has an odd side and cannot be squeezed; "
+                             f"lower `levels` (H and W must be divisible by 2**levels).")
+        squeezed = (4 * c, h // 2, w // 2)
+        layers: list[Bijection] = [Squeeze()]
+        for i in range(steps):
+            layers += [ActNorm(4 * c), InvertibleConv1x1(4 * c), self._conv_coupling(squeezed, i % 2)]
+        if levels > 1:
+            if self.learned_prior:
+                # Transforms the factored-out half (mask keeps the first half) given the kept half.
+                layers.append(self._conv_coupling(squeezed, 0))
+            inner = self._level((2 * c, h // 2, w // 2), levels - 1, steps)
+            layers.append(FactorOut(inner, keep=2 * c))
+        layers.append(Unsqueeze())
+        return FlowSequence(layers)

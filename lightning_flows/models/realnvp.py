@@ -1,0 +1,156 @@
+"""RealNVP (Dinh et al. 2017): affine couplings, trained by exact maximum likelihood.
+
+Vectors (toy 2D, or images flattened with ``architecture="mlp"``): ``steps`` couplings with MLP
+conditioners and alternating masks, each preceded by ActNorm. Images (``architecture="multiscale"``):
+per level ``steps`` checkerboard couplings, squeeze, ``steps`` channel couplings, then half of the
+channels are factored out and the rest go to the next level; the last level is ``steps``
+checkerboard couplings. ``levels`` counts the levels (each but the last halves H and W).
+
+:class:`ExactFlowModel` is the Lightning plumbing shared with Glow: loss = NLL in nats per dimension
+(a well-scaled optimisation target); ``log_prob`` = exact nats per example in model space;
+validation/test also log ``{stage}/nll`` (nats/example) and ``{stage}/bpd`` through the DataModule's
+shared bits/dim helper (no family computes its own).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
+                                   LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape, Squeeze, Unsqueeze,
+                                   channel_mask, checkerboard_mask, vector_mask)
+from lightning_flows.models.base import GenerativeModel
+
+ARCHITECTURES = ("auto", "mlp", "multiscale")
+PREPROCESSING = ("auto", "logit", "none")
+
+
+def resolve_architecture(architecture: str, data_shape: tuple[int, ...]) -> str:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture '{architecture}'. Choose one of: {', '.join(ARCHITECTURES)}.")
+    if architecture == "auto":
+        return "multiscale" if len(data_shape) == 3 else "mlp"
+    if architecture == "multiscale" and len(data_shape) != 3:
+        raise ValueError(f"architecture='multiscale' needs images (C, H, W), got data_shape={data_shape}; "
+                         f"use architecture='mlp' for vectors.")
+    return architecture
+
+
+def preprocessing_layers(preprocess: str, data_shape: tuple[int, ...], alpha: float) -> list[Bijection]:
+    """``auto`` = logit for images (data in [-1, 1]), nothing for vectors (data in R^d)."""
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"Unknown preprocess '{preprocess}'. Choose one of: {', '.join(PREPROCESSING)}.")
+    if preprocess == "auto":
+        preprocess = "logit" if len(data_shape) == 3 else "none"
+    return [LogitPreprocess(alpha)] if preprocess == "logit" else []
+
+
+def flattened(data_shape: tuple[int, ...], layers: list[Bijection]) -> list[Bijection]:
+    """Run vector ``layers`` on flattened examples, restoring the example shape afterwards."""
+    if len(data_shape) == 1:
+        return layers
+    flat = (int(torch.tensor(data_shape).prod()),)
+    return [Reshape(data_shape, flat), *layers, Reshape(flat, data_shape)]
+
+
+class ExactFlowModel(GenerativeModel):
+    """A :class:`GenerativeModel` around a :class:`NormalizingFlow` in ``self.flow`` (set by subclasses)."""
+
+    likelihood = "exact"
+    flow: NormalizingFlow
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``x: (B, *data_shape)`` in model space -> ``(B,)`` exact log-density, nats per example."""
+        return self.flow.log_prob(x)
+
+    def training_loss(self, x: Tensor) -> Tensor:
+        return -self.flow.log_prob(x).mean() / self.dim
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """``n`` samples ``(n, *data_shape)``; ``temperature < 1`` draws ``z ~ N(0, T^2 I)``."""
+        self.last_sample_nfe = 1  # one pass through the inverse network
+        return self.flow.sample(n, temperature)
+
+    def _step(self, batch: Tensor, stage: str) -> Tensor:
+        self._check_input(batch)
+        nll = -self.flow.log_prob(batch)
+        loss = nll.mean() / self.dim
+        size = batch.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train", batch_size=size)
+        if stage != "train":
+            self.log(f"{stage}/nll", nll.mean(), sync_dist=True, batch_size=size)
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is not None and hasattr(datamodule, "bits_per_dim"):
+                self.log(f"{stage}/bpd", datamodule.bits_per_dim(nll.mean()), sync_dist=True, batch_size=size,
+                         prog_bar=True)
+        return loss
+
+
+class RealNVP(ExactFlowModel):
+    """RealNVP for vectors or images.
+
+    Args:
+        data_shape: one example's shape (linked from the DataModule by the CLI).
+        architecture: ``auto`` (multiscale for images, mlp for vectors), ``mlp`` or ``multiscale``.
+        levels: multi-scale levels ``L`` (images only; each but the last halves H and W).
+        steps: couplings per stage ``K`` (vectors: total couplings).
+        hidden, depth, activation: conditioner width, hidden layers, activation.
+        scale_bound: ``|s| <= scale_bound`` in every coupling (stability).
+        actnorm: an ActNorm before every coupling (data-dependent init, DDP-synchronised).
+        preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
+        logit_alpha: the logit's boundary margin.
+    """
+
+    def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
+                 steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
+                 scale_bound: float = 2.0, actnorm: bool = True, preprocess: str = "auto",
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__(data_shape, lr, weight_decay)
+        self.save_hyperparameters()
+        if levels < 1 or steps < 1:
+            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
+        self.hidden, self.depth, self.activation = hidden, depth, activation
+        self.scale_bound, self.use_actnorm = scale_bound, actnorm
+        shape = self.data_shape
+        layers = preprocessing_layers(preprocess, shape, logit_alpha)
+        if resolve_architecture(architecture, shape) == "mlp":
+            layers += flattened(shape, self._vector_couplings(self.dim, steps))
+        else:
+            layers.append(self._level(shape, levels, steps))
+        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+
+    def _coupling(self, mask: Tensor, conditioner: nn.Module, channels: int) -> list[Bijection]:
+        coupling = AffineCoupling(mask, conditioner, self.scale_bound)
+        return [ActNorm(channels), coupling] if self.use_actnorm else [coupling]
+
+    def _vector_couplings(self, dim: int, steps: int) -> list[Bijection]:
+        layers: list[Bijection] = []
+        for i in range(steps):
+            conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)
+            layers += self._coupling(vector_mask(dim, i), conditioner, dim)
+        return layers
+
+    def _image_couplings(self, shape: tuple[int, int, int], steps: int, make_mask) -> list[Bijection]:
+        layers: list[Bijection] = []
+        for i in range(steps):
+            conditioner = ConvConditioner(shape[0], self.hidden, self.depth - 1, self.activation)
+            layers += self._coupling(make_mask(shape, i % 2), conditioner, shape[0])
+        return layers
+
+    def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:
+        c, h, w = shape
+        layers = self._image_couplings(shape, steps, checkerboard_mask)
+        if levels == 1:
+            return FlowSequence(layers)
+        if h % 2 or w % 2:
+            raise ValueError(f"RealNVP level input {shape} has an odd side and cannot be squeezed; "
+                             f"lower `levels` (now {levels} left).")
+        squeezed = (4 * c, h // 2, w // 2)
+        layers += [Squeeze(), *self._image_couplings(squeezed, steps, channel_mask)]
+        inner = self._level((2 * c, h // 2, w // 2), levels - 1, steps)
+        layers += [FactorOut(inner, keep=2 * c), Unsqueeze()]
+        return FlowSequence(layers)
