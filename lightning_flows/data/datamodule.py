@@ -86,7 +86,9 @@ class GenerativeDataModule(L.LightningDataModule):
         """Model space -> display intensities in [0, 1] (the quantisation level, rescaled)."""
         if not self.is_discrete:
             return x
-        k = torch.floor((x.clamp(-1, 1) + 1) / 2 * self.levels).clamp(0, self.levels - 1)
+        # floor inverts dequantisation; the tiny offset keeps exact cell edges (noise 0) in their
+        # own cell despite float rounding in (x + 1) / 2 * L.
+        k = torch.floor((x.clamp(-1, 1) + 1) / 2 * self.levels + 1e-4).clamp(0, self.levels - 1)
         return k / (self.levels - 1)
 
     def true_log_density(self, x: Tensor) -> Tensor | None:

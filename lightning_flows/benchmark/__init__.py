@@ -1,0 +1,1 @@
+"""Benchmark suites: train, evaluate through one path, write the comparison table."""

@@ -1,0 +1,66 @@
+"""Flow matching as the lecture defines it: path, target, objective, sampling and NFE."""
+
+import pytest
+import torch
+
+from lightning_flows.data import GenerativeDataModule
+from lightning_flows.metrics import energy_distance
+from lightning_flows.models import FlowMatching
+from lightning_flows.models.flow_matching import linear_path
+from lightning_flows.ode import SolverConfig
+
+
+def test_linear_path_endpoints_and_velocity():
+    x0, x1 = torch.randn(5, 3), torch.randn(5, 3)
+    xt, v = linear_path(x0, x1, torch.zeros(5))
+    assert torch.equal(xt, x0) and torch.equal(v, x1 - x0)
+    xt, _ = linear_path(x0, x1, torch.ones(5))
+    assert torch.allclose(xt, x1)
+    t = torch.rand(5)
+    xt, _ = linear_path(x0, x1, t)
+    assert torch.allclose(xt, (1 - t[:, None]) * x0 + t[:, None] * x1)
+
+
+def test_objective_is_the_velocity_regression():
+    # With a field that returns exactly x1 - x0 for this draw, the loss is zero; verify through the
+    # same random draws the model makes.
+    model = FlowMatching(data_shape=(2,), hidden=8, depth=1)
+    x1 = torch.randn(16, 2)
+    torch.manual_seed(0)
+    x0 = torch.randn_like(x1)
+    t = torch.rand(16)
+    xt, target = linear_path(x0, x1, t)
+    expected = (model.velocity(xt, t) - target).pow(2).mean()
+    torch.manual_seed(0)
+    assert torch.allclose(model.training_loss(x1), expected)
+
+
+@pytest.mark.parametrize("method,steps,nfe", [("euler", 10, 10), ("midpoint", 10, 20), ("rk4", 5, 20)])
+def test_sampling_counts_function_evaluations(method, steps, nfe):
+    model = FlowMatching(data_shape=(1, 8, 8), base_channels=8, channel_mults=(1, 2))
+    x = model.sample(3, SolverConfig(method, steps=steps))
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    assert model.last_sample_nfe == nfe
+
+
+def test_short_training_moves_samples_to_the_8_gaussians():
+    torch.manual_seed(0)
+    dm = GenerativeDataModule("8gaussians", batch_size=256)
+    model = FlowMatching(data_shape=(2,), hidden=64, depth=2, lr=3e-3,
+                         sampler=SolverConfig("midpoint", steps=20))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    test = dm.split("test")[:1000]
+    before = energy_distance(model.sample(1000), test)
+    loader = iter(dm.train_dataloader())
+    for _ in range(400):
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(dm.train_dataloader())
+            batch = next(loader)
+        loss = model.training_loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    after = energy_distance(model.sample(1000), test)
+    assert after < 0.1 * before and after < 0.05, (before, after)
