@@ -1,0 +1,115 @@
+"""Pluggable FID feature extractors: pixels in [0, 1] -> feature vectors.
+
+Every extractor takes ``pixels: (B, C, H, W)`` floats in [0, 1] (what ``dm.to_pixels`` returns)
+and returns ``(B, num_features)`` float64 features; it carries ``name`` and ``fingerprint`` (a hash
+of its weights) so that cached real-data statistics are never reused with other weights.
+
+- ``inception``: torch-fidelity's Inception-v3 pool features (2048-d), the published-FID network.
+  Its own resize is TensorFlow-1 bilinear *without* antialiasing, as in the original FID code
+  (torchmetrics >= 1.8 antialiases by default, which shifts FID). Grey images are repeated to 3
+  channels; pixels are rounded to uint8 as the reference implementation expects.
+- ``classifier``: a small CNN trained on the dataset's labels (see ``classifier.py``); offline and
+  suited to small images, comparable only with itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flows.metrics.classifier import (FeatureClassifier, classifier_path, load_classifier,
+                                                load_or_train_classifier, state_fingerprint)
+
+FEATURE_EXTRACTORS = ("inception", "classifier")
+
+
+class _FrozenExtractor(nn.Module):
+    """Always in eval mode (BatchNorm statistics must not move) and never trained."""
+
+    name = "extractor"
+    num_features: int
+
+    def train(self, mode: bool = True) -> "_FrozenExtractor":
+        return super().train(False)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        if pixels.ndim != 4:
+            raise ValueError(f"FID feature extractors take image batches (B, C, H, W); got shape "
+                             f"{tuple(pixels.shape)}. FID is defined for image datasets only.")
+        if pixels.shape[0] == 0:  # a DDP rank with no samples still calls update()
+            return torch.zeros(0, self.num_features, dtype=torch.float64, device=pixels.device)
+        with torch.no_grad():
+            return self.extract(pixels).double()
+
+    def extract(self, pixels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ClassifierFeatures(_FrozenExtractor):
+    """Pooled features of a :class:`FeatureClassifier`: ``(B, C, H, W)`` -> ``(B, 64)``."""
+
+    name = "classifier"
+
+    def __init__(self, classifier: FeatureClassifier):
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.num_features = classifier.num_features
+        self.fingerprint = state_fingerprint(classifier)
+
+    def extract(self, pixels: Tensor) -> Tensor:
+        return self.classifier.features(pixels.to(next(self.classifier.parameters()).dtype))
+
+
+class InceptionFeatures(_FrozenExtractor):
+    """torch-fidelity's Inception-v3, 2048-d pool3 features: ``(B, 1 or 3, H, W)`` -> ``(B, 2048)``.
+
+    ``weights_path``: a local state dict; ``None`` lets torch-fidelity download its converted
+    TensorFlow weights (cached by torch.hub).
+    """
+
+    name = "inception"
+
+    def __init__(self, weights_path: str | Path | None = None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        try:
+            self.network = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"],
+                feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+        except (OSError, RuntimeError) as err:
+            if weights_path is not None:
+                raise
+            raise RuntimeError(f"Could not download torch-fidelity's Inception-v3 weights ({err}). Offline, "
+                               f"pass a local state dict: feature_extractor_weights_path=<file.pth>.") from err
+        self.num_features = 2048
+        self.fingerprint = state_fingerprint(self.network)
+
+    def extract(self, pixels: Tensor) -> Tensor:
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        if pixels.shape[1] != 3:
+            raise ValueError(f"Inception features need 1 or 3 channels, got {pixels.shape[1]}.")
+        uint8 = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+        return self.network(uint8)[0]
+
+
+def build_feature_extractor(name: str, dataset: str | None = None, weights_path: str | Path | None = None,
+                            cache_dir: str | Path | None = None, data_dir: str = "data") -> _FrozenExtractor:
+    """``inception`` (weights from ``weights_path`` or torch-fidelity's download) or ``classifier``
+    (weights from ``weights_path``, else the cached classifier of ``dataset``, trained on first use)."""
+    if name == "inception":
+        return InceptionFeatures(weights_path)
+    if name == "classifier":
+        if weights_path is not None:
+            return ClassifierFeatures(load_classifier(weights_path))
+        if dataset is None:
+            raise ValueError("The classifier extractor needs the dataset name to find its classifier.")
+        return ClassifierFeatures(load_or_train_classifier(dataset, cache_dir, data_dir=data_dir))
+    raise ValueError(f"Unknown feature extractor '{name}'. Choose one of: {', '.join(FEATURE_EXTRACTORS)}.")
+
+
+def classifier_is_cached(dataset: str, cache_dir: str | Path | None = None) -> bool:
+    return classifier_path(dataset, cache_dir).exists()
