@@ -1,0 +1,145 @@
+"""Exponential moving average (EMA) of a model's weights, for any family.
+
+After every training batch: ``ema <- decay * ema + (1 - decay) * theta`` for every parameter and
+floating-point buffer (integer buffers such as BatchNorm's batch counter are copied). The EMA
+weights are swapped into the model for validation, testing and prediction, which includes every
+sample drawn by callbacks during validation (sample grids, FID), and swapped back before training
+resumes. The EMA state is saved in checkpoints (callback state, for resuming) and, for loading a
+model for sampling, as a complete model state dict under ``checkpoint["ema_state_dict"]``; the
+checkpoint's ``state_dict`` always holds the *training* weights.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+
+def model_state(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by name (the tensors themselves, not copies)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@torch.no_grad()
+def ema_update(shadow: dict[str, Tensor], current: dict[str, Tensor], decay: float) -> None:
+    """In place: ``shadow <- decay * shadow + (1 - decay) * current`` (floats); integers are copied."""
+    for name, value in current.items():
+        if value.is_floating_point():
+            shadow[name].lerp_(value.detach().to(shadow[name].dtype), 1.0 - decay)
+        else:
+            shadow[name].copy_(value)
+
+
+class EMACallback(L.Callback):
+    """Keep an EMA of the weights and evaluate / sample with it.
+
+    Args:
+        decay: per-update decay (0.999 is about a 1000-step window).
+        start_step: updates begin at this global step; before it the EMA copies the weights.
+        every_n_steps: update every ``n`` training batches (decay applies per update).
+        use_for_eval: swap the EMA weights in for validation, test and predict.
+    """
+
+    def __init__(self, decay: float = 0.999, start_step: int = 0, every_n_steps: int = 1,
+                 use_for_eval: bool = True):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        self.decay, self.start_step, self.every_n_steps = decay, start_step, every_n_steps
+        self.use_for_eval = use_for_eval
+        self.shadow: dict[str, Tensor] | None = None
+        self.num_updates = 0
+        self._batches_seen = 0
+        self._training_weights: dict[str, Tensor] | None = None  # held while EMA weights are swapped in
+        self._loaded_shadow: dict[str, Tensor] | None = None
+
+    # ---- bookkeeping ----
+    def _init_shadow(self, pl_module: L.LightningModule) -> None:
+        current = model_state(pl_module)
+        if self._loaded_shadow is not None:
+            self.shadow = {k: v.to(current[k].device) for k, v in self._loaded_shadow.items()}
+            self._loaded_shadow = None
+        else:
+            self.shadow = {k: v.detach().clone() for k, v in current.items()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shadow is None:
+            self._init_shadow(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches_seen += 1
+        if self._batches_seen % self.every_n_steps:
+            return
+        if trainer.global_step <= self.start_step:
+            self.shadow = {k: v.detach().clone() for k, v in model_state(pl_module).items()}
+            return
+        ema_update(self.shadow, model_state(pl_module), self.decay)
+        self.num_updates += 1
+
+    # ---- swapping the EMA weights in for evaluation ----
+    @torch.no_grad()
+    def swap_in(self, pl_module: L.LightningModule) -> None:
+        """Load the EMA weights into the model, keeping the training weights aside."""
+        if self.shadow is None or self._training_weights is not None:
+            return
+        current = model_state(pl_module)
+        self._training_weights = {k: v.detach().clone() for k, v in current.items()}
+        for name, value in current.items():
+            value.copy_(self.shadow[name])
+
+    @torch.no_grad()
+    def swap_out(self, pl_module: L.LightningModule) -> None:
+        """Put the training weights back."""
+        if self._training_weights is None:
+            return
+        for name, value in model_state(pl_module).items():
+            value.copy_(self._training_weights[name])
+        self._training_weights = None
+
+    def _eval_start(self, trainer, pl_module) -> None:
+        if self.shadow is None and self._loaded_shadow is not None:
+            self._init_shadow(pl_module)  # `validate`/`test` from a checkpoint: no fit to start from
+        if self.use_for_eval:
+            self.swap_in(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.swap_out(pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.swap_out(pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.swap_out(pl_module)
+
+    # ---- checkpoints ----
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        prefix_state = pl_module.state_dict()
+        if self._training_weights is not None:
+            # Saved mid-validation (e.g. by ModelCheckpoint): keep `state_dict` the training weights.
+            checkpoint["state_dict"] = {k: self._training_weights.get(k, v).clone() for k, v in prefix_state.items()}
+        if self.shadow is not None:
+            checkpoint["ema_state_dict"] = {k: self.shadow.get(k, v).detach().clone()
+                                            for k, v in prefix_state.items()}
+
+    def state_dict(self) -> dict:
+        shadow = None if self.shadow is None else {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+        return {"decay": self.decay, "num_updates": self.num_updates, "batches_seen": self._batches_seen,
+                "shadow": shadow}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.num_updates = state_dict.get("num_updates", 0)
+        self._batches_seen = state_dict.get("batches_seen", 0)
+        self._loaded_shadow = state_dict.get("shadow")
+        self.shadow = None
