@@ -28,8 +28,9 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, not a torch file, or unsafe pickled objects
         raise CheckpointError(
-            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). The file is corrupt, truncated or "
-            f"not a lightning-flows checkpoint; use another one from the run's checkpoints/ directory."
+            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"The file is corrupt, truncated or not a lightning-flows checkpoint; use another one from the "
+            f"run's checkpoints/ directory."
         ) from err
 
 
