@@ -83,9 +83,12 @@ def labelled_pixels(dataset: str, split: str, data_dir: str = "data", download: 
 
 
 def train_classifier(dataset: str, epochs: int | None = None, batch_size: int = 64, lr: float = 1e-3,
-                     seed: int = 0, data_dir: str = "data", download: bool = False,
+                     seed: int = 0, data_dir: str = "data", download: bool = False, max_batches: int | None = None,
                      log=print) -> tuple[FeatureClassifier, float]:
-    """Train deterministically on the CPU; returns the classifier and its test accuracy."""
+    """Train deterministically on the CPU; returns the classifier and its test accuracy.
+
+    ``max_batches`` caps the batches per epoch (quick checks only; the cached classifier uses all).
+    """
     images, labels = labelled_pixels(dataset, "train", data_dir, download)
     test_images, test_labels = labelled_pixels(dataset, "test", data_dir, download)
     epochs = epochs or DEFAULT_EPOCHS[dataset]
@@ -99,7 +102,8 @@ def train_classifier(dataset: str, epochs: int | None = None, batch_size: int = 
             order_gen = torch.Generator().manual_seed(seed)
             for epoch in range(epochs):
                 model.train()
-                for idx in torch.randperm(len(images), generator=order_gen).split(batch_size):
+                batches = torch.randperm(len(images), generator=order_gen).split(batch_size)
+                for idx in batches[:max_batches]:
                     loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
                     optimiser.zero_grad()
                     loss.backward()
