@@ -9,7 +9,9 @@ never re-initialises (and a fresh model loading a trained state_dict adopts the 
 
 Initialisation happens on the first forward call *in training mode* (every DDP rank makes it, in
 step); in eval mode an uninitialised ActNorm is the identity, so validation/sampling before training
-never triggers a collective on a subset of ranks.
+never triggers a collective on a subset of ranks. A batch with non-finite statistics is not used for
+initialisation (the layer stays uninitialised until a finite batch arrives), so a NaN batch cannot
+poison the parameters outside the optimizer's reach (see :class:`lightning_flows.callbacks.NonFiniteGuard`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class ActNorm(Bijection):
     def initialize(self, x: Tensor) -> None:
         """Set bias/log_scale from ``x`` (globally across DDP ranks) and mark the layer initialised."""
         mean, var = _global_channel_moments(x)
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            # A NaN/inf batch must not become the parameters; every rank sees the same reduced
+            # statistics, so all of them skip together and retry on the next batch.
+            return
         self.bias.copy_((-mean).to(self.bias.dtype))
         self.log_scale.copy_((-torch.log(var.sqrt() + self.eps)).to(self.log_scale.dtype))
         self.initialized.fill_(True)
