@@ -84,6 +84,7 @@ class FIDCallback(L.Callback):
         self._real_stats: FeatureStatistics | None = None
         self._floor: tuple[str, float] | None = None
         self.last_logged: dict[str, float] = {}
+        self.last_rank_samples = 0  # samples this rank drew at the last evaluation
 
     # ---- hooks: all ranks ----
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -109,6 +110,7 @@ class FIDCallback(L.Callback):
         set_real_statistics(metric, self._real_stats, owner=rank == 0)
         cost = SamplingCost()
         samples = generate_rank_share(pl_module, self.n, self.chunk_size, self.seed, rank, world, cost)
+        self.last_rank_samples = len(samples)
         update_fake(metric, datamodule.to_pixels(samples), self.feature_batch_size)
         logged = {self.metric_name(stage): float(metric.compute())}  # all-reduces the sums
         if self.log_floor:

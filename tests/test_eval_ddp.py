@@ -1,0 +1,95 @@
+"""FID and bits/dim under DDP (2 CPU ranks, gloo) equal the single-process values.
+
+The DDP run is a subprocess (this file run as a script: Lightning's DDP launcher starts rank 1 by
+re-running the same command) with a timeout: a metric computed in a rank-zero-only hook would
+leave rank zero waiting in an all-reduce forever, and here that fails the test instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the script form runs without the package installed
+    sys.path.insert(0, str(REPO))
+
+from lightning_flows.callbacks.bits_per_dim import BitsPerDimCallback  # noqa: E402
+from lightning_flows.callbacks.fid import FIDCallback  # noqa: E402
+from lightning_flows.data import GenerativeDataModule  # noqa: E402
+from test_eval_helpers import DiagonalGaussian, fitted_gaussian, random_classifier_file  # noqa: E402
+
+N_SAMPLES, CHUNK = 200, 50
+
+
+def run_evaluation(devices: int, out_dir: Path, classifier: Path, cache_dir: Path, model_path: Path) -> dict:
+    """``trainer.test`` with the FID and bits/dim callbacks; each rank writes what it logged."""
+    datamodule = GenerativeDataModule("digits", batch_size=64, eval_batch_size=40)
+    model = DiagonalGaussian()
+    model.load_state_dict(torch.load(model_path, weights_only=True))
+    fid = FIDCallback(n=N_SAMPLES, chunk_size=CHUNK, feature_extractor_weights_path=str(classifier),
+                      cache_dir=str(cache_dir))
+    bpd = BitsPerDimCallback()
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[fid, bpd])
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    result = {"rank": trainer.global_rank, "world": trainer.world_size, "rank_samples": fid.last_rank_samples,
+              **fid.last_logged, **bpd.last_logged}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_eval")
+    dm = GenerativeDataModule("digits")
+    model_path = root / "gaussian.pt"
+    torch.save(fitted_gaussian(dm.split("train")).state_dict(), model_path)
+    return root, random_classifier_file(root / "classifier.pt"), model_path
+
+
+@pytest.mark.timeout(420)
+def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
+    root, classifier, model_path = setup_files
+    single = run_evaluation(1, root / "single", classifier, root / "cache_single", model_path)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(Path(__file__).resolve()), "--devices", "2", "--out", str(root / "ddp"),
+               "--classifier", str(classifier), "--cache-dir", str(root / "cache_ddp"), "--model", str(model_path)]
+    try:
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=360)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"DDP evaluation hung (a collective not reached by every rank?): {err}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ranks = [json.loads((root / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["rank_samples"] for r in ranks] == [N_SAMPLES // 2, N_SAMPLES // 2]  # n / world each
+    assert single["rank_samples"] == N_SAMPLES
+    names = [f"test/fid_classifier_test_n{N_SAMPLES}", f"test/fid_floor_classifier_test_n{N_SAMPLES}",
+             "test/bpd_exact", "test/bpd_examples", "test/nfe_per_sample"]
+    for rank in ranks:
+        for name in names:
+            assert rank[name] == pytest.approx(single[name], rel=1e-6, abs=0), name
+    assert ranks[0]["test/bpd_examples"] == 180
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--classifier", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    opts = parser.parse_args()
+    run_evaluation(opts.devices, opts.out, opts.classifier, opts.cache_dir, opts.model)
