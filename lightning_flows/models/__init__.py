@@ -1,6 +1,7 @@
 """Generative families behind one interface."""
 
 from lightning_flows.models.base import GenerativeModel, Likelihood
+from lightning_flows.models.cnf import CNF
 from lightning_flows.models.diffusion import Diffusion
 from lightning_flows.models.flow_matching import FlowMatching
 from lightning_flows.models.gan import GAN
@@ -8,4 +9,4 @@ from lightning_flows.models.glow import Glow
 from lightning_flows.models.realnvp import RealNVP
 from lightning_flows.models.vae import VAE
 
-__all__ = ["GenerativeModel", "Likelihood", "FlowMatching", "RealNVP", "Glow", "VAE", "GAN", "Diffusion"]
+__all__ = ["GenerativeModel", "Likelihood", "FlowMatching", "CNF", "RealNVP", "Glow", "VAE", "GAN", "Diffusion"]
