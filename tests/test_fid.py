@@ -159,6 +159,12 @@ def test_fid_callback_rejects_non_image_data_and_bad_arguments(tmp_path):
         real_pixels(toy, "test")
 
 
+def test_classifier_trains_even_when_called_from_lightning_inference_mode():
+    with torch.inference_mode():  # first use happens inside a validation epoch
+        model, _ = train_classifier("digits", epochs=1, max_batches=2, log=lambda message: None)
+    assert not any(p.is_inference() for p in model.parameters())
+
+
 def test_classifier_training_is_deterministic():
     def train():
         return train_classifier("digits", epochs=2, max_batches=5, log=lambda message: None)

@@ -82,7 +82,7 @@ class FIDCallback(L.Callback):
         self.log_floor, self.log_sampling_cost = log_floor, log_sampling_cost
         self._extractor = None
         self._real_stats: FeatureStatistics | None = None
-        self._floor: tuple[str, float] | None = None
+        self._floor: tuple[int, float] | None = None  # (sample count, FID)
         self.last_logged: dict[str, float] = {}
         self.last_rank_samples = 0  # samples this rank drew at the last evaluation
 

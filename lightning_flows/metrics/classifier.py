@@ -95,7 +95,8 @@ def train_classifier(dataset: str, epochs: int | None = None, batch_size: int = 
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with torch.random.fork_rng(devices=[]):
+        # Training may be triggered from inside Lightning's evaluation (inference mode, no grad).
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(seed)
             model = FeatureClassifier(in_channels=images.shape[1], num_classes=int(labels.max()) + 1)
             optimiser = torch.optim.Adam(model.parameters(), lr=lr)
