@@ -77,16 +77,16 @@ def hutchinson_divergence(f: VectorField, z: Tensor, probe: Tensor,
     return out, divergence, fro
 
 
-def brute_force_divergence(f: VectorField, z: Tensor) -> tuple[Tensor, Tensor]:
+def brute_force_divergence(f: VectorField, z: Tensor, create_graph: bool = True) -> tuple[Tensor, Tensor]:
     """Reference only: ``D`` separate autograd calls, one per output coordinate (FFJORD's loop).
 
-    Differentiable (``create_graph=True``) like the others, so the comparison is fair.
+    ``create_graph=True`` keeps it differentiable like the others (what training needs).
     """
     with torch.enable_grad():
         z = z if z.requires_grad else z.detach().requires_grad_(True)
         out = f(z)
         flat_out, divergence = out.flatten(1), torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         for i in range(flat_out.shape[1]):
-            (grad,) = torch.autograd.grad(flat_out[:, i].sum(), z, create_graph=True)
+            (grad,) = torch.autograd.grad(flat_out[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
             divergence = divergence + grad.flatten(1)[:, i]
     return out, divergence
