@@ -40,7 +40,7 @@ def _import_class(qualified: str):
 
 
 def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[GenerativeModel, GenerativeDataModule]:
-    """Rebuild the model (weights loaded, eval mode) and its DataModule from one checkpoint."""
+    """Rebuild the model (EMA weights if present, eval mode) and its DataModule from one checkpoint."""
     checkpoint = read_checkpoint(path, map_location)
     class_path = checkpoint.get("lightning_flows_model_class")
     if class_path is None or "state_dict" not in checkpoint:
@@ -49,7 +49,8 @@ def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[Generativ
     cls = _import_class(class_path)
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = cls(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
+    # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
+    model.load_state_dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
     model.to(map_location).eval()
     data_hparams = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
                     if not k.startswith("_")}
