@@ -6,7 +6,6 @@ import math
 
 import lightning as L
 import pytest
-import torch
 
 from lightning_flows.callbacks.bits_per_dim import BitsPerDimCallback
 from lightning_flows.data import GenerativeDataModule

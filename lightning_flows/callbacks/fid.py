@@ -101,7 +101,8 @@ class FIDCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module, stage: str) -> dict[str, float]:
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise RuntimeError("FIDCallback needs the GenerativeDataModule: pass it as trainer.fit(model, datamodule=dm).")
+            raise RuntimeError("FIDCallback needs the GenerativeDataModule: pass it as "
+                               "trainer.fit(model, datamodule=dm).")
         device = pl_module.device
         rank, world = rank_and_world()
         self._prepare(datamodule, device, rank, world)
@@ -129,7 +130,7 @@ class FIDCallback(L.Callback):
             self._extractor = self._build_extractor(datamodule.dataset, device, rank)
             if self.feature_extractor == "inception" and self.n not in PUBLISHED_FID_SAMPLE_COUNTS and rank == 0:
                 warnings.warn(f"Inception FID with n={self.n} is not comparable with published FIDs, which use "
-                              f"10k or 50k samples; compare it only with runs at the same n and split.")
+                              f"10k or 50k samples; compare it only with runs at the same n and split.", stacklevel=2)
         self._extractor.to(device)
         if self._real_stats is None:
             self._real_stats = self._real_statistics(datamodule, device, rank, world)

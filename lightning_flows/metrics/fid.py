@@ -113,7 +113,8 @@ def real_pixels(datamodule, split: str) -> Tensor:
 
 
 def statistics_cache_path(cache_dir: Path, dataset: str, data_seed: int, split: str, extractor) -> Path:
-    return Path(cache_dir) / "fid_stats" / f"{dataset}_seed{data_seed}_{split}_{extractor.name}-{extractor.fingerprint}.pt"
+    name = f"{dataset}_seed{data_seed}_{split}_{extractor.name}-{extractor.fingerprint}.pt"
+    return Path(cache_dir) / "fid_stats" / name
 
 
 def floor_cache_path(cache_dir: Path, dataset: str, data_seed: int, real_split: str, floor_split: str, n: int,
