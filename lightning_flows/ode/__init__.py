@@ -6,8 +6,8 @@ from lightning_flows.ode.divergence import (
 )
 from lightning_flows.ode.likelihood import ODELikelihood, ode_log_likelihood, standard_normal_log_prob
 from lightning_flows.ode.solve import (
-    ADAPTIVE_METHODS, FIXED_STEP_METHODS, CountedField, ODESolution, ODEStepLimitExceeded, SolverConfig, as_solver_config,
-    integrate,
+    ADAPTIVE_METHODS, FIXED_STEP_METHODS, CountedField, ODESolution, ODEStepLimitExceeded, SolverConfig,
+    as_solver_config, integrate,
 )
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "CountedField", "ODESolution", "ODEStepLimitExceeded",
