@@ -75,7 +75,8 @@ def run_family(family: str, seconds: float, out: Path) -> list[dict]:
     for kwargs in variants:
         samples, nfe, ms = sampling_cost(model, **kwargs)
         name = family if not kwargs else f"{family} ({kwargs['sampler']})"
-        path = save_sample_figure(dm.to_pixels(samples), out / f"{family}{'_' + kwargs['sampler'] if kwargs else ''}.png",
+        suffix = "_" + kwargs["sampler"] if kwargs else ""
+        path = save_sample_figure(dm.to_pixels(samples), out / f"{family}{suffix}.png",
                                   title=name)
         rows.append({"family": name, "batches": trainer.fit_loop.epoch_loop._batches_that_stepped,
                      "train_s": train_s, "bpd": bpd, "nfe": nfe, "ms_per_sample": ms, "grid": path})

@@ -29,6 +29,7 @@ def _mean_test_loss(model: GenerativeModel, dm: GenerativeDataModule) -> float:
     return total / count
 
 
+@torch.no_grad()  # likelihood solves must not keep a graph of every solver step
 def _mean_test_nll(model: GenerativeModel, dm: GenerativeDataModule, max_examples: int | None) -> float:
     total, count = 0.0, 0
     for batch in dm.test_dataloader():

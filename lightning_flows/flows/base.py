@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from torch import Tensor, nn
 
 

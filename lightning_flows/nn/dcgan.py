@@ -68,7 +68,7 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(c, base_channels, 3, padding=1), spectral_norm),
                                    nn.LeakyReLU(0.2)]
         ch = base_channels
-        for i in range(n_down):
+        for _ in range(n_down):
             out = min(ch * 2, max_channels)
             layers += [_maybe_sn(nn.Conv2d(ch, out, 4, stride=2, padding=1), spectral_norm),
                        _norm(norm, out), nn.LeakyReLU(0.2)]
