@@ -14,18 +14,6 @@ from lightning_flows.models.diffusion import Diffusion, cosine_betas, ddim_times
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_fit(config: str, tmp_path: Path, *extra: str):
-    """Fit ``config`` for two batches with one validation pass; returns the LightningCLI object."""
-    from lightning_flows.cli import build_cli
-
-    out = str(tmp_path)
-    return build_cli(["fit", "--config", str(ROOT / config), "--trainer.max_epochs", "1",
-                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                      "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-                      "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
-                      "--trainer.num_sanity_val_steps", "0", "--sample_grid.n", "16", *extra])
-
-
 class GaussianOracle(nn.Module):
     """The exact noise prediction for data ``N(0, s^2 I)``: ``x_t ~ N(0, (alpha_bar s^2 + 1 - alpha_bar) I)``
     and ``E[eps | x_t] = sqrt(1 - alpha_bar) x_t / (alpha_bar s^2 + 1 - alpha_bar)``."""
@@ -138,7 +126,7 @@ def test_deterministic_ddim_and_its_timesteps():
 
 
 @pytest.mark.parametrize("config", ["experiments/toy2d/diffusion.yaml", "experiments/digits/diffusion.yaml"])
-def test_diffusion_fits_from_config_and_samples(config, tmp_path):
+def test_diffusion_fits_from_config_and_samples(config, tmp_path, tiny_fit):
     # Few sampling steps keep the test quick; the sample grid still goes through the configured sampler.
     cli = tiny_fit(config, tmp_path, "--model.init_args.sample_steps", "10", "--model.init_args.num_steps", "100")
     model, dm = cli.model, cli.datamodule

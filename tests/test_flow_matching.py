@@ -64,3 +64,24 @@ def test_short_training_moves_samples_to_the_8_gaussians():
         optimiser.step()
     after = energy_distance(model.sample(1000), test)
     assert after < 0.1 * before and after < 0.05, (before, after)
+
+
+def test_hutchinson_log_prob_is_an_unbiased_estimate_of_the_exact_one():
+    torch.manual_seed(0)
+    solver = {"method": "rk4", "steps": 8}
+    exact = FlowMatching(data_shape=(4,), hidden=16, depth=1, likelihood_solver=solver)
+    estimate = FlowMatching(data_shape=(4,), hidden=16, depth=1, likelihood_solver=solver,
+                            likelihood_divergence="hutchinson")
+    estimate.load_state_dict(exact.state_dict())
+    x = torch.randn(1, 4).expand(4000, 4).contiguous()  # one point, 4000 independent probes
+    with torch.no_grad():
+        reference = exact.log_prob(x[:1]).item()
+        draws = estimate.log_prob(x).double()
+    standard_error = draws.std().item() / len(draws) ** 0.5
+    assert draws.std() > 0  # the probes really vary
+    assert abs(draws.mean().item() - reference) < 4 * standard_error + 1e-6
+
+
+def test_unknown_likelihood_divergence_is_rejected():
+    with pytest.raises(ValueError, match="likelihood_divergence must be 'exact' or 'hutchinson'"):
+        FlowMatching(data_shape=(2,), likelihood_divergence="trace")

@@ -16,18 +16,6 @@ from lightning_flows.models.gan import GAN, discriminator_loss, generator_loss, 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_fit(config: str, tmp_path: Path, *extra: str):
-    """Fit ``config`` for two batches with one validation pass; returns the LightningCLI object."""
-    from lightning_flows.cli import build_cli
-
-    out = str(tmp_path)
-    return build_cli(["fit", "--config", str(ROOT / config), "--trainer.max_epochs", "1",
-                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                      "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-                      "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
-                      "--trainer.num_sanity_val_steps", "0", "--sample_grid.n", "16", *extra])
-
-
 def test_losses_at_an_undecided_discriminator():
     zeros = torch.zeros(10)
     assert discriminator_loss(zeros, zeros, "non_saturating").item() == pytest.approx(2 * math.log(2))
@@ -78,7 +66,7 @@ def test_generator_step_leaves_the_discriminator_alone():
 
 
 @pytest.mark.parametrize("config", ["experiments/toy2d/gan.yaml", "experiments/digits/gan.yaml"])
-def test_gan_fits_from_config_and_samples(config, tmp_path):
+def test_gan_fits_from_config_and_samples(config, tmp_path, tiny_fit):
     cli = tiny_fit(config, tmp_path)
     model, dm = cli.model, cli.datamodule
     assert cli.trainer.global_step == 4  # two batches, two optimiser steps each

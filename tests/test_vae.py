@@ -13,20 +13,8 @@ from lightning_flows.models.vae import VAE, kl_to_standard_normal
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_fit(config: str, tmp_path: Path, *extra: str):
-    """Fit ``config`` for two batches with one validation pass; returns the LightningCLI object."""
-    from lightning_flows.cli import build_cli
-
-    out = str(tmp_path)
-    return build_cli(["fit", "--config", str(ROOT / config), "--trainer.max_epochs", "1",
-                      "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                      "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-                      "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
-                      "--trainer.num_sanity_val_steps", "0", "--sample_grid.n", "16", *extra])
-
-
 @pytest.mark.parametrize("config", ["experiments/toy2d/vae.yaml", "experiments/digits/vae.yaml"])
-def test_vae_fits_from_config_and_samples(config, tmp_path):
+def test_vae_fits_from_config_and_samples(config, tmp_path, tiny_fit):
     cli = tiny_fit(config, tmp_path)
     model, dm = cli.model, cli.datamodule
     assert cli.trainer.global_step == 2

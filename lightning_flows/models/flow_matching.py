@@ -38,6 +38,8 @@ class FlowMatching(GenerativeModel):
         base_channels, channel_mults: UNet widths.
         sampler: ODE solver used by ``sample`` (method, steps or tolerances, NFE cap).
         likelihood_solver: ODE solver of the exact ``log_prob`` (default dopri5, rtol = atol = 1e-5).
+        likelihood_divergence: ``exact`` trace (D backward passes per evaluation) or ``hutchinson`` (one;
+            an unbiased estimate of the same log-likelihood, the affordable choice for images on a CPU).
     """
 
     likelihood = "exact"
@@ -46,12 +48,15 @@ class FlowMatching(GenerativeModel):
                  depth: int = 3, activation: str = "silu", base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), sampler: SolverConfig | dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.0,
-                 likelihood_solver: SolverConfig | dict | None = None):
+                 likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact"):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
         self.sampler = as_solver_config(sampler)
         self.likelihood_solver = as_solver_config(
             likelihood_solver or {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5})
+        if likelihood_divergence not in ("exact", "hutchinson"):
+            raise ValueError(f"likelihood_divergence must be 'exact' or 'hutchinson', got '{likelihood_divergence}'.")
+        self.likelihood_divergence = likelihood_divergence
         self.last_log_prob_nfe: int | None = None
         self.velocity = make_time_backbone(self.data_shape, backbone, hidden=hidden, depth=depth,
                                            base_channels=base_channels, channel_mults=channel_mults,
@@ -75,7 +80,11 @@ class FlowMatching(GenerativeModel):
         return solution.states
 
     def log_prob(self, x: Tensor, solver: SolverConfig | None = None) -> Tensor:
-        """Exact ``log p(x)`` in nats of the model's ODE (exact trace): ``(B, *data_shape)`` -> ``(B,)``."""
-        result = ode_log_likelihood(self.velocity, x, solver or self.likelihood_solver, divergence="exact")
+        """``log p(x)`` in nats of the model's ODE, ``(B, *data_shape)`` -> ``(B,)``.
+
+        Exact trace, or Hutchinson's unbiased estimate of it (``likelihood_divergence``).
+        """
+        result = ode_log_likelihood(self.velocity, x, solver or self.likelihood_solver,
+                                    divergence=self.likelihood_divergence)
         self.last_log_prob_nfe = result.nfe
         return result.log_prob
