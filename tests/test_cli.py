@@ -80,3 +80,15 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         main(["sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["sample", "--ckpt", str(tmp_path / "missing.ckpt")])
+
+
+def test_every_cli_run_has_the_non_finite_guard_and_sample_grid(tmp_path):
+    from lightning_flows.callbacks import NonFiniteGuard, SampleGridCallback
+    from lightning_flows.cli import build_cli
+
+    cli = build_cli(["--config", TOY, "--trainer.default_root_dir", str(tmp_path),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path), "--non_finite_guard.max_consecutive", "3"],
+                    run=False)
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    assert len(guards) == 1 and guards[0].max_consecutive == 3
+    assert any(isinstance(c, SampleGridCallback) for c in cli.trainer.callbacks)
