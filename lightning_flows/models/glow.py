@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
-                                   InvertibleConv1x1, MLPConditioner, NormalizingFlow, Squeeze, Unsqueeze,
+                                   InvertibleConv1x1, MLPConditioner, Squeeze, Unsqueeze,
                                    channel_mask, vector_mask)
-from lightning_flows.models.realnvp import (ExactFlowModel, flattened, preprocessing_layers,
-                                            resolve_architecture)
+from lightning_flows.models.realnvp import ExactFlowModel
 
 
 class Glow(ExactFlowModel):
@@ -41,19 +40,11 @@ class Glow(ExactFlowModel):
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
-        if levels < 1 or steps < 1:
-            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = scale_bound, learned_prior
-        shape = self.data_shape
-        layers = preprocessing_layers(preprocess, shape, logit_alpha)
-        if resolve_architecture(architecture, shape) == "mlp":
-            layers += flattened(shape, self._vector_steps(self.dim, steps))
-        else:
-            layers.append(self._level(shape, levels, steps))
-        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
 
-    def _vector_steps(self, dim: int, steps: int) -> list[Bijection]:
+    def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
             conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)

@@ -62,6 +62,24 @@ class ExactFlowModel(GenerativeModel):
     likelihood = "exact"
     flow: NormalizingFlow
 
+    def _build_flow(self, architecture: str, preprocess: str, logit_alpha: float, levels: int, steps: int) -> None:
+        """Preprocessing, then the family's vector layers (flattened) or its multi-scale image levels."""
+        if levels < 1 or steps < 1:
+            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
+        shape = self.data_shape
+        layers = preprocessing_layers(preprocess, shape, logit_alpha)
+        if resolve_architecture(architecture, shape) == "mlp":
+            layers += flattened(shape, self._vector_layers(self.dim, steps))
+        else:
+            layers.append(self._level(shape, levels, steps))
+        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+
+    def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
+        raise NotImplementedError
+
+    def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:
+        raise NotImplementedError
+
     def log_prob(self, x: Tensor) -> Tensor:
         """``x: (B, *data_shape)`` in model space -> ``(B,)`` exact log-density, nats per example."""
         return self.flow.log_prob(x)
@@ -111,23 +129,15 @@ class RealNVP(ExactFlowModel):
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
-        if levels < 1 or steps < 1:
-            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.use_actnorm = scale_bound, actnorm
-        shape = self.data_shape
-        layers = preprocessing_layers(preprocess, shape, logit_alpha)
-        if resolve_architecture(architecture, shape) == "mlp":
-            layers += flattened(shape, self._vector_couplings(self.dim, steps))
-        else:
-            layers.append(self._level(shape, levels, steps))
-        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
 
     def _coupling(self, mask: Tensor, conditioner: nn.Module, channels: int) -> list[Bijection]:
         coupling = AffineCoupling(mask, conditioner, self.scale_bound)
         return [ActNorm(channels), coupling] if self.use_actnorm else [coupling]
 
-    def _vector_couplings(self, dim: int, steps: int) -> list[Bijection]:
+    def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
             conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)
