@@ -1,8 +1,17 @@
-"""Loading checkpoints safely (``weights_only=True``) with errors that say what to do."""
+"""Loading checkpoints safely, with errors that say what to do.
+
+A checkpoint is untrusted input (users download them). Two rules keep it from running code:
+
+* the file is unpickled with ``weights_only=True`` (tensors and plain containers only, plus the
+  plain-data classes in :data:`SAFE_GLOBALS`);
+* the model class it names is looked up in :func:`allowed_model_classes`, a fixed table of the
+  :class:`GenerativeModel` subclasses exported by :mod:`lightning_flows.models`. Nothing the file
+  says is ever imported or called: a name outside the table is a :class:`CheckpointError`.
+"""
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -13,10 +22,29 @@ from lightning_flows.ode import SolverConfig
 
 # Plain-data classes our hyperparameters may hold; allow-listed for weights_only unpickling.
 SAFE_GLOBALS = [SolverConfig]
+MODEL_CLASS_KEY = "lightning_flows_model_class"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason and the fix."""
+
+
+def model_class_name(cls: type) -> str:
+    """The name a checkpoint records for ``cls``: its import path, e.g. ``lightning_flows.models.vae.VAE``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def allowed_model_classes() -> dict[str, type[GenerativeModel]]:
+    """Every concrete family exported by :mod:`lightning_flows.models`, by recorded name and by short name."""
+    import lightning_flows.models as models
+
+    table: dict[str, type[GenerativeModel]] = {}
+    for name in models.__all__:
+        cls = getattr(models, name)
+        if inspect.isclass(cls) and issubclass(cls, GenerativeModel) and cls is not GenerativeModel:
+            table[model_class_name(cls)] = cls
+            table[cls.__name__] = cls
+    return table
 
 
 def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -25,34 +53,55 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"Checkpoint {path} does not exist. Runs write them to <run dir>/checkpoints/*.ckpt.")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, not a torch file, or unsafe pickled objects
         raise CheckpointError(
             f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
             f"The file is corrupt, truncated or not a lightning-flows checkpoint; use another one from the "
             f"run's checkpoints/ directory."
         ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a lightning-flows checkpoint "
+                              f"(a dict); pass a .ckpt written by `lightning-flows fit`.")
+    return checkpoint
 
 
-def _import_class(qualified: str):
-    module, _, name = qualified.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+def resolve_model_class(checkpoint: dict, path: str | Path) -> type[GenerativeModel]:
+    """The family a checkpoint asks for, if it is one of ours; never imports anything."""
+    requested = checkpoint.get(MODEL_CLASS_KEY)
+    if requested is None or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is a torch file but not a lightning-flows model checkpoint "
+                              f"(no model class recorded); pass a checkpoint written by `lightning-flows fit`.")
+    allowed = allowed_model_classes()
+    if not isinstance(requested, str) or requested not in allowed:
+        families = ", ".join(sorted(name for name in allowed if "." not in name))
+        raise CheckpointError(f"{path} asks for model class {requested!r}, which is not a lightning-flows "
+                              f"model; refusing to load it (checkpoints can only rebuild {families}). "
+                              f"The file may have been tampered with; use a checkpoint written by "
+                              f"`lightning-flows fit`.")
+    return allowed[requested]
+
+
+def _plain_kwargs(checkpoint: dict, key: str) -> dict:
+    values = checkpoint.get(key) or {}
+    if not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint field '{key}' is a {type(values).__name__}, expected a dict.")
+    return {k: v for k, v in values.items() if isinstance(k, str) and not k.startswith("_")}
 
 
 def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[GenerativeModel, GenerativeDataModule]:
     """Rebuild the model (EMA weights if present, eval mode) and its DataModule from one checkpoint."""
     checkpoint = read_checkpoint(path, map_location)
-    class_path = checkpoint.get("lightning_flows_model_class")
-    if class_path is None or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is a torch file but not a lightning-flows model checkpoint "
-                              f"(no model class recorded); pass a checkpoint written by `lightning-flows fit`.")
-    cls = _import_class(class_path)
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = cls(**hparams)
-    # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
-    model.load_state_dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
+    cls = resolve_model_class(checkpoint, path)
+    try:
+        model = cls(**_plain_kwargs(checkpoint, "hyper_parameters"))
+        # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
+        model.load_state_dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
+        datamodule = GenerativeDataModule(**_plain_kwargs(checkpoint, "datamodule_hyper_parameters"))
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{path} could not rebuild {cls.__name__} and its data "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); the checkpoint was "
+                              f"written by an incompatible version or edited. Retrain, or load it with the "
+                              f"lightning-flows version that wrote it.") from err
     model.to(map_location).eval()
-    data_hparams = {k: v for k, v in checkpoint.get("datamodule_hyper_parameters", {}).items()
-                    if not k.startswith("_")}
-    datamodule = GenerativeDataModule(**data_hparams)
     return model, datamodule

@@ -81,4 +81,5 @@ class GenerativeModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `lightning-flows sample --ckpt` rebuild the right class without a config file.
+        # Only a name: loading looks it up in a fixed table of our families and never imports it.
         checkpoint["lightning_flows_model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
