@@ -11,35 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning_flows.training import FlowsCLI, build_cli
 
-from lightning_flows.callbacks import NonFiniteGuard, SampleGridCallback
-from lightning_flows.data import GenerativeDataModule
-from lightning_flows.models import GenerativeModel
-
-
-class FlowsCLI(LightningCLI):
-    """LightningCLI with the DataModule's example shape linked into every model, sample grids and a
-    non-finite guard on every run."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
-        parser.add_lightning_class_args(SampleGridCallback, "sample_grid")
-        # On for every run: a NaN/inf loss or gradient is skipped instead of corrupting the weights,
-        # and a run that keeps producing them stops with a message (`--non_finite_guard.max_consecutive`).
-        parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
-
-
-def build_cli(args: list[str] | None = None, run: bool = True) -> FlowsCLI:
-    return FlowsCLI(
-        GenerativeModel,
-        GenerativeDataModule,
-        subclass_mode_model=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "runs"},
-    )
+__all__ = ["FlowsCLI", "build_cli", "main", "sample_main"]
 
 
 def sample_main(argv: list[str]) -> Path:

@@ -25,6 +25,7 @@ import yaml
 from lightning_flows.benchmark.evaluate import evaluate
 from lightning_flows.benchmark.table import write_results
 from lightning_flows.plotting import save_sample_figure
+from lightning_flows.training import build_cli
 
 
 def _fit_args(run: dict, seed: int, out_dir: Path) -> list[str]:
@@ -40,8 +41,6 @@ def _fit_args(run: dict, seed: int, out_dir: Path) -> list[str]:
 
 
 def run_one(run: dict, seed: int, out_dir: Path, n_samples: int) -> dict:
-    from lightning_flows.cli import build_cli
-
     print(f"[benchmark] {run['name']} seed {seed}: training ({run['config']})", flush=True)
     start = time.perf_counter()
     cli = build_cli(_fit_args(run, seed, out_dir))
