@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 
-from lightning_flows.callbacks.bits_per_dim import BitsPerDimCallback
+from lightning_flows.callbacks import BitsPerDimCallback
 from lightning_flows.data import GenerativeDataModule
 from test_eval_helpers import DiagonalGaussian, fitted_gaussian
 
@@ -40,7 +40,7 @@ def test_bpd_of_a_gaussian_matches_the_closed_form(digits):
     expected = ((nll.mean() - D * math.log(2) + D * math.log(L_levels)) / (D * math.log(2))).item()
 
     assert callback.last_logged["test/bpd_exact"] == pytest.approx(expected, rel=1e-6)  # float32 model
-    assert callback.last_logged["test/bpd_examples"] == 180  # every test example exactly once
+    assert callback.last_logged["test/likelihood_examples"] == 180  # every test example exactly once
     assert metrics["test/bpd_exact"].item() == pytest.approx(expected, rel=1e-6)
     # a standard normal is a worse density for digits than the fitted one
     worse = run_test(DiagonalGaussian(), digits, BitsPerDimCallback())["test/bpd_exact"].item()
@@ -69,5 +69,16 @@ def test_validation_bpd_follows_every_n_epochs_and_skips_the_sanity_check(digits
     trainer.fit(model, datamodule=digits)
     assert seen[0][0] and not seen[0][2]  # the sanity check logs no bpd
     assert [s[2] for s in seen[1:]] == [False, True]  # epoch 0 skipped, epoch 1 evaluated
-    assert bpd.last_logged["val/bpd_examples"] == 180
+    assert bpd.last_logged["val/likelihood_examples"] == 180
     assert math.isfinite(bpd.last_logged["val/bpd_exact"])
+
+
+@pytest.mark.parametrize("limit, expected", [(2, 100), (0.5, 90)])
+def test_validation_likelihood_honours_limit_val_batches(digits, limit, expected):
+    model = fitted_gaussian(digits.split("train"))
+    bpd = BitsPerDimCallback(every_n_epochs=1, batch_size=50)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
+                        limit_train_batches=1, limit_val_batches=limit, num_sanity_val_steps=0, callbacks=[bpd])
+    trainer.fit(model, datamodule=digits)
+    assert bpd.last_logged["val/likelihood_examples"] == expected  # 2 batches of 50, or half of 180

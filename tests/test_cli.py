@@ -35,10 +35,16 @@ def test_fit_writes_checkpoint_and_sample_png_then_sample_command_draws_a_grid(t
     assert width > 100 and height > 100
 
 
-def test_test_subcommand_logs_the_shared_metric_name(tmp_path, fit_args):
-    main(["test", "--config", TOY, *fit_args(*TINY)])
+def test_test_subcommand_reports_the_shared_evaluation(tmp_path, fit_args):
+    # An untrained field is stiff for dopri5: a fixed-step likelihood solve keeps the test quick.
+    main(["test", "--config", TOY, *fit_args(*TINY, "--trainer.limit_test_batches", "1",
+                                             "--model.init_args.likelihood_solver", '{"method": "rk4", "steps": 8}',
+                                             "--evaluation.spec.n_samples", "200", "--evaluation.spec.progress",
+                                             "false")])
     metrics = _only(f"{tmp_path}/**/metrics.csv").read_text()
-    assert "test/loss" in metrics
+    for name in ("test/loss", "test/nll_exact", "test/nll_gap_exact", "test/energy_distance", "test/precision",
+                 "test/modes_hit", "test/nfe_per_sample", "test/ms_per_sample"):
+        assert name in metrics, name
 
 
 def test_wandb_logger_runs_offline(tmp_path, monkeypatch):

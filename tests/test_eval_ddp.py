@@ -1,4 +1,5 @@
-"""FID and bits/dim under DDP (2 CPU ranks, gloo) equal the single-process values.
+"""The evaluator under DDP (2 CPU ranks, gloo): FID, KID, precision/recall, bits/dim and sampling cost
+equal the single-process values.
 
 The DDP run is a subprocess (this file run as a script: Lightning's DDP launcher starts rank 1 by
 re-running the same command) with a timeout: a metric computed in a rank-zero-only hook would
@@ -22,28 +23,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the script form runs without the package installed
     sys.path.insert(0, str(REPO))
 
-from lightning_flows.callbacks.bits_per_dim import BitsPerDimCallback  # noqa: E402
-from lightning_flows.callbacks.fid import FIDCallback  # noqa: E402
+from lightning_flows.callbacks import EvaluationCallback  # noqa: E402
 from lightning_flows.data import GenerativeDataModule  # noqa: E402
+from lightning_flows.evaluation import EvaluationSpec  # noqa: E402
 from test_eval_helpers import DiagonalGaussian, fitted_gaussian, random_classifier_file  # noqa: E402
 
 N_SAMPLES, CHUNK = 200, 50
 
 
 def run_evaluation(devices: int, out_dir: Path, classifier: Path, cache_dir: Path, model_path: Path) -> dict:
-    """``trainer.test`` with the FID and bits/dim callbacks; each rank writes what it logged."""
+    """``trainer.test`` with the evaluation callback; each rank writes what it logged."""
     datamodule = GenerativeDataModule("digits", batch_size=64, eval_batch_size=40)
     model = DiagonalGaussian()
     model.load_state_dict(torch.load(model_path, weights_only=True))
-    fid = FIDCallback(n=N_SAMPLES, chunk_size=CHUNK, feature_extractor_weights_path=str(classifier),
-                      cache_dir=str(cache_dir))
-    bpd = BitsPerDimCallback()
+    spec = EvaluationSpec(n_samples=N_SAMPLES, sample_batch_size=CHUNK, likelihood_batch_size=40, kid_subsets=10,
+                          feature_extractor_weights_path=str(classifier), cache_dir=str(cache_dir), progress=False)
+    evaluation = EvaluationCallback(spec)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False, callbacks=[fid, bpd])
+                        enable_model_summary=False, callbacks=[evaluation])
     trainer.test(model, datamodule=datamodule, verbose=False)
-    result = {"rank": trainer.global_rank, "world": trainer.world_size, "rank_samples": fid.last_rank_samples,
-              **fid.last_logged, **bpd.last_logged}
+    result = {"rank": trainer.global_rank, "world": trainer.world_size,
+              "rank_samples": evaluation.evaluator.last_rank_samples, **evaluation.last_logged}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     return result
@@ -77,11 +78,12 @@ def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
     assert [r["rank_samples"] for r in ranks] == [N_SAMPLES // 2, N_SAMPLES // 2]  # n / world each
     assert single["rank_samples"] == N_SAMPLES
     names = [f"test/fid_classifier_test_n{N_SAMPLES}", f"test/fid_floor_classifier_test_n{N_SAMPLES}",
-             "test/bpd_exact", "test/bpd_examples", "test/nfe_per_sample"]
+             f"test/kid_classifier_test_n{N_SAMPLES}", "test/precision", "test/recall",
+             "test/bpd_exact", "test/likelihood_examples", "test/nfe_per_sample"]
     for rank in ranks:
         for name in names:
             assert rank[name] == pytest.approx(single[name], rel=1e-6, abs=0), name
-    assert ranks[0]["test/bpd_examples"] == 180
+    assert ranks[0]["test/likelihood_examples"] == 180
 
 
 if __name__ == "__main__":

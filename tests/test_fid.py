@@ -1,5 +1,6 @@
-"""FID: the metric's basic properties, the inception path offline, caching, the callback's names,
-world-size-independent sample generation and deterministic classifier training."""
+"""Sample-quality features and distances: FID/KID through torchmetrics on precomputed features, the
+inception path offline, the reference-feature cache (keyed, checked, never stale), the FID callback's
+names, world-size-independent sample generation and deterministic classifier training."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from lightning_flows.callbacks.fid import FIDCallback
+from lightning_flows.callbacks import FIDCallback
 from lightning_flows.data import GenerativeDataModule
+from lightning_flows.evaluation.reference import (extract_features, real_pixels, reference_cache_path,
+                                                  reference_features)
+from lightning_flows.evaluation.samples import gather_chunks, generate_chunks, rank_chunks
+from lightning_flows.metrics import frechet_distance, kernel_distance
 from lightning_flows.metrics.classifier import state_fingerprint, train_classifier
 from lightning_flows.metrics.features import InceptionFeatures, build_feature_extractor
-from lightning_flows.metrics.fid import (FeatureStatistics, feature_statistics, make_fid_metric, real_pixels,
-                                         set_real_statistics, update_fake)
-from lightning_flows.metrics.generation import generate_rank_share, rank_chunks
 from test_eval_helpers import fitted_gaussian, random_classifier_file
 
 
@@ -33,39 +36,64 @@ def classifier_extractor(tmp_path_factory):
     return build_feature_extractor("classifier", weights_path=path)
 
 
-def fid_between(extractor, real_pixels_, fake_pixels) -> float:
-    metric = make_fid_metric(extractor, sync_on_compute=False)
-    set_real_statistics(metric, feature_statistics(extractor, real_pixels_), owner=True)
-    update_fake(metric, fake_pixels)
-    return float(metric.compute())
+def features(extractor, pixels):
+    return extract_features(extractor, pixels, 500, torch.device("cpu"))
 
 
-def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits, classifier_extractor):
+def test_fid_and_kid_of_a_set_against_itself_are_zero_and_grow_with_noise(digits, classifier_extractor):
     images = real_pixels(digits, "train")[:600]
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(images.shape, generator=gen)
     sigmas = [0.0, 0.05, 0.1, 0.2, 0.4, 0.8]
-    fids = [fid_between(classifier_extractor, images, images + s * noise) for s in sigmas]
+    real = features(classifier_extractor, images)
+    fids = [frechet_distance(real, features(classifier_extractor, images + s * noise)) for s in sigmas]
+    kids = [kernel_distance(real, features(classifier_extractor, images + s * noise), subsets=5)[0] for s in sigmas]
     assert all(math.isfinite(f) for f in fids)
     assert abs(fids[0]) < 1e-6 * fids[1], fids
     assert all(a < b for a, b in zip(fids[1:], fids[2:])), f"FID not increasing with noise: {fids}"
+    assert all(a < b for a, b in zip(kids[1:], kids[2:])), f"KID not increasing with noise: {kids}"
 
 
-def test_injected_real_statistics_equal_torchmetrics_own_update(digits, classifier_extractor):
-    """The cached-statistics path gives the same FID as feeding the real images to torchmetrics."""
+def test_fid_on_precomputed_features_equals_torchmetrics_running_the_extractor(digits, classifier_extractor):
+    """Feeding features extracted once gives the FID torchmetrics computes from the images itself."""
     real, fake = real_pixels(digits, "test"), real_pixels(digits, "train")[:300].flip(-1)
-    direct = make_fid_metric(classifier_extractor, sync_on_compute=False)
+    direct = FrechetInceptionDistance(feature=classifier_extractor, normalize=True, sync_on_compute=False)
     direct.update(real[:100], real=True)
     direct.update(real[100:], real=True)
     direct.update(fake, real=False)
-    assert fid_between(classifier_extractor, real, fake) == pytest.approx(float(direct.compute()), rel=1e-9)
+    ours = frechet_distance(features(classifier_extractor, real), features(classifier_extractor, fake))
+    # features pass through float32 once (the cached representation): agreement to float32 precision
+    assert ours == pytest.approx(float(direct.compute()), rel=1e-4)
 
 
-def test_feature_statistics_round_trip_through_the_cache_file(tmp_path, digits, classifier_extractor):
-    stats = feature_statistics(classifier_extractor, real_pixels(digits, "test"))
-    stats.save(tmp_path / "s.pt")
-    loaded = FeatureStatistics.load(tmp_path / "s.pt")
-    assert loaded.count == 180 and torch.equal(loaded.total, stats.total) and torch.equal(loaded.outer, stats.outer)
+def test_kid_is_unbiased_near_zero_for_two_samples_of_one_distribution():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(400, 8, generator=gen), torch.randn(400, 8, generator=gen)
+    same, _ = kernel_distance(a, b, subsets=20, subset_size=200)
+    shifted, _ = kernel_distance(a, b + 0.5, subsets=20, subset_size=200)
+    assert abs(same) < 0.1 * shifted
+    assert kernel_distance(a, b, subsets=20, subset_size=200) == kernel_distance(a, b, subsets=20, subset_size=200)
+
+
+def test_reference_features_are_cached_keyed_and_recomputed_when_stale(tmp_path, digits, classifier_extractor):
+    cpu = torch.device("cpu")
+    first = reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu)
+    path = reference_cache_path(tmp_path, digits, "test", classifier_extractor)
+    assert path.is_file() and first.shape == (180, 64)
+    assert torch.equal(reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu), first)
+    # Another data seed is another split: another key, so the first file is never used for it.
+    other = GenerativeDataModule("digits", seed=1)
+    assert reference_cache_path(tmp_path, other, "test", classifier_extractor) != path
+    # A truncated file is recomputed (with a warning), not trusted.
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="stale or unreadable"):
+        again = reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu)
+    assert torch.equal(again, first)
+    # A file whose recorded key or size disagrees with its name is recomputed too.
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "features": payload["features"][:10]}, path)
+    with pytest.warns(UserWarning, match="stale or unreadable"):
+        reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu)
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +115,13 @@ def test_inception_path_runs_offline_and_gives_a_finite_fid(random_inception_wei
     extractor = build_feature_extractor("inception", weights_path=random_inception_weights)
     assert extractor.num_features == 2048
     grey = real_pixels(digits, "test")[:3]
-    features = extractor(grey)
-    assert features.shape == (3, 2048) and features.dtype == torch.float64 and features.isfinite().all()
+    feats = extractor(grey)
+    assert feats.shape == (3, 2048) and feats.dtype == torch.float64 and feats.isfinite().all()
     # grey repeated to 3 channels and rounded to uint8, then torch-fidelity's own (non-antialiased)
     # resize and network: the reference FID pipeline
     uint8 = (grey.expand(-1, 3, -1, -1) * 255).round().to(torch.uint8)
-    assert torch.equal(features, extractor.network(uint8)[0].double())
-    metric = make_fid_metric(extractor, sync_on_compute=False)
-    real = FeatureStatistics.zeros(2048)
-    real.add_features(features)
-    set_real_statistics(metric, real, owner=True)
-    update_fake(metric, real_pixels(digits, "train")[:3])
-    fid = float(metric.compute())
+    assert torch.equal(feats, extractor.network(uint8)[0].double())
+    fid = frechet_distance(feats.float(), features(extractor, real_pixels(digits, "train")[:3]))
     assert math.isfinite(fid) and fid >= -1e-6
 
 
@@ -112,51 +135,50 @@ def test_inception_without_weights_offline_names_the_fix():
 def test_generation_is_the_same_set_for_any_number_of_ranks(digits):
     model = fitted_gaussian(digits.split("train"))
     n, chunk = 130, 50
-    single = generate_rank_share(model, n, chunk, seed=3, rank=0, world=1)
+    single = gather_chunks(generate_chunks(model, n, chunk, seed=3, rank=0, world=1))
     for world in (2, 3):
-        shares = {r: generate_rank_share(model, n, chunk, seed=3, rank=r, world=world) for r in range(world)}
-        by_chunk = {i: None for i in range(3)}
-        for r in range(world):
-            offset = 0
-            for index, length in rank_chunks(n, chunk, r, world):
-                by_chunk[index] = shares[r][offset:offset + length]
-                offset += length
-        assert torch.equal(torch.cat([by_chunk[i] for i in range(3)]), single)
-        assert sum(len(s) for s in shares.values()) == n
+        shares = [generate_chunks(model, n, chunk, seed=3, rank=r, world=world) for r in range(world)]
+        assert [[i for i, _ in share] for share in shares] == [[i for i, _ in rank_chunks(n, chunk, r, world)]
+                                                               for r in range(world)]
+        union = gather_chunks([c for share in shares for c in share])  # what the all-gather reassembles
+        assert torch.equal(union, single)
+        assert sum(len(x) for share in shares for _, x in share) == n
 
 
-def test_fid_callback_logs_names_floor_and_cost_and_caches_real_statistics(tmp_path, digits):
+def test_fid_callback_logs_labelled_names_floor_and_cost(tmp_path, digits):
     clf = random_classifier_file(tmp_path / "clf.pt")
     model = fitted_gaussian(digits.split("train"))
 
     def run():
-        callback = FIDCallback(n=120, chunk_size=60, feature_extractor_weights_path=str(clf), cache_dir=str(tmp_path))
+        callback = FIDCallback(n=120, chunk_size=60, feature_extractor_weights_path=str(clf), cache_dir=str(tmp_path),
+                               progress=False)
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_checkpointing=False, enable_model_summary=False, callbacks=[callback])
         trainer.test(model, datamodule=digits, verbose=False)
         return callback.last_logged, dict(trainer.callback_metrics)
 
     first, metrics = run()
-    assert set(first) == {"test/fid_classifier_test_n120", "test/fid_floor_classifier_test_n120",
-                          "test/nfe_per_sample", "test/sec_per_sample"}
+    assert {"test/fid_classifier_test_n120", "test/fid_floor_classifier_test_n120", "test/kid_classifier_test_n120",
+            "test/kid_floor_classifier_test_n120", "test/precision", "test/recall", "test/nfe_per_sample",
+            "test/ms_per_sample"} <= set(first)
+    assert not any("bpd" in name for name in first)  # quality only
     assert set(first) <= set(metrics)
-    assert first["test/nfe_per_sample"] == 1.0 and first["test/sec_per_sample"] > 0
+    assert first["test/nfe_per_sample"] == 1.0 and first["test/ms_per_sample"] > 0
     assert first["test/fid_classifier_test_n120"] > first["test/fid_floor_classifier_test_n120"] > 0
-    cached = sorted(p.name for p in (tmp_path / "fid_stats").iterdir())
-    assert len(cached) == 2 and any("floor_train_vs_test_n120" in name for name in cached)
+    cached = sorted(p.name for p in (tmp_path / "reference_features").iterdir())
+    assert len(cached) == 2 and any(name.startswith("digits_test_") for name in cached)  # reference + floor split
     again, _ = run()  # from the cache: same numbers
     assert again["test/fid_classifier_test_n120"] == pytest.approx(first["test/fid_classifier_test_n120"], rel=1e-12)
     assert again["test/fid_floor_classifier_test_n120"] == first["test/fid_floor_classifier_test_n120"]
 
 
-def test_fid_callback_rejects_non_image_data_and_bad_arguments(tmp_path):
+def test_fid_callback_rejects_bad_arguments_and_fid_needs_images():
     with pytest.raises(ValueError, match="feature_extractor"):
         FIDCallback(feature_extractor="vgg")
-    with pytest.raises(ValueError, match="real_split"):
+    with pytest.raises(ValueError, match="reference_split"):
         FIDCallback(real_split="holdout")
-    toy = GenerativeDataModule("moons")
     with pytest.raises(ValueError, match="image dataset"):
-        real_pixels(toy, "test")
+        real_pixels(GenerativeDataModule("moons"), "test")
 
 
 def test_classifier_trains_even_when_called_from_lightning_inference_mode():

@@ -1,6 +1,9 @@
-"""CNF machinery, measured: adjoint vs direct memory, torch.func trace speed, exact NLL gaps on toy2d.
+"""CNF machinery, measured: adjoint vs direct memory, torch.func trace speed.
 
-    python experiments/benchmarks/cnf_benchmark.py [--seconds 80] [--skip-nll]
+    python experiments/benchmarks/cnf_benchmark.py
+
+(The toy2d NLL gaps of every likelihood family are measured through the shared evaluator by
+``experiments/benchmarks/toy_nll.py``.)
 
 1. Peak memory of one CNF training step (forward + backward of the exact-trace likelihood) as the
    number of fixed Euler steps goes 10 -> 100, backprop through the solver vs the adjoint method.
@@ -13,18 +16,12 @@
    of D autograd calls (FFJORD's brute force), with the graph kept and backpropagated (training),
    for a small and a large field: vectorising removes per-call overhead, not FLOPs, so the gain
    shrinks once each call is compute-bound.
-3. On toy2d 8gaussians and checkerboard: exact test NLL (dopri5 1e-5, exact trace) of the CNF and of
-   flow matching, each trained for ``--seconds`` from its committed config, beside the true entropy
-   H = -mean log p_data(test) from the dataset's analytic density; the gap NLL - H in nats (the
-   peers' column in ANCHORS.md, which used 90 s each on the same machine).
 Everything runs with one intra-op thread (two threads thrash on this shared 2-core machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import resource
 import subprocess
@@ -34,12 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable without `pip install -e .`
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from lightning_flows.data import GenerativeDataModule  # noqa: E402
-from lightning_flows.models import CNF, FlowMatching  # noqa: E402
 from lightning_flows.nn.ode_functions import ConcatSquashMLP  # noqa: E402
 from lightning_flows.ode import (  # noqa: E402
     SolverConfig, brute_force_divergence, exact_divergence, ode_log_likelihood,
@@ -120,38 +113,8 @@ def trace_speed(hidden: int, batch: int, dim: int = 64, repeats: int = 10) -> di
             "hidden": hidden, "batch": batch}
 
 
-# ---- 3. NLL gaps ----
-def train_and_score(family: str, dataset: str, seconds: float, seed: int) -> dict:
-    config = yaml.safe_load((CONFIGS / f"{family}.yaml").read_text())
-    L.seed_everything(seed)
-    datamodule = GenerativeDataModule(**{**config["data"], "dataset": dataset, "seed": seed})
-    model_class = {"cnf": CNF, "flow_matching": FlowMatching}[family]
-    model = model_class(data_shape=datamodule.data_shape, **config["model"]["init_args"])
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_time={"seconds": seconds}, max_epochs=100_000,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    train_seconds = time.perf_counter() - start
-    test = datamodule.split("test")
-    model.eval()
-    start = time.perf_counter()
-    solver = SolverConfig("dopri5", rtol=1e-5, atol=1e-5, max_nfe=20_000)
-    with torch.no_grad():
-        log_q = model.log_prob(test, solver=solver).double()  # each family's exact log_prob
-    eval_seconds = time.perf_counter() - start
-    log_p = datamodule.true_log_density(test).double()
-    gap = log_p - log_q  # per-point log p / q: its mean is the gap, paired so its error is small
-    return {"family": family, "dataset": dataset, "steps": trainer.global_step, "train_s": train_seconds,
-            "nll": -log_q.mean().item(), "entropy": -log_p.mean().item(), "gap": gap.mean().item(),
-            "gap_se": gap.std().item() / math.sqrt(len(gap)), "eval_s": eval_seconds, "n_test": len(test)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=80.0, help="training seconds per model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-nll", action="store_true", help="only the memory and trace-speed parts")
     parser.add_argument("--memory-probe", nargs=2, type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -180,17 +143,6 @@ def main() -> None:
         print(f"| {hidden} | {batch} | {r['func'] * 1e3:.1f} | {r['loop'] * 1e3:.1f} | "
               f"{r['loop'] / r['func']:.1f}x | {r['max_diff']:.1e} |")
 
-    if not opts.skip_nll:
-        results = [train_and_score(family, dataset, opts.seconds, opts.seed)
-                   for dataset in ("8gaussians", "checkerboard") for family in ("cnf", "flow_matching")]
-        print(f"\n## 3. Exact test NLL on toy2d ({opts.seconds:.0f} s training per model from "
-              f"experiments/toy2d/<family>.yaml, seed {opts.seed}; eval dopri5 1e-5, exact trace)")
-        print("| dataset | model | steps | test NLL | true H | gap (nats) | eval s |")
-        print("|---|---|---|---|---|---|---|")
-        for r in results:
-            print(f"| {r['dataset']} | {r['family']} | {r['steps']} | {r['nll']:.3f} | {r['entropy']:.3f} | "
-                  f"{r['gap']:+.3f} +- {r['gap_se']:.3f} | {r['eval_s']:.0f} |")
-        print(json.dumps(results))
     print(f"\ntotal wall time {time.perf_counter() - total:.0f} s")
 
 

@@ -1,56 +1,173 @@
-"""Write benchmark rows as results.json, table.csv and table.md (the lecture's comparison, measured)."""
+"""Aggregate a suite's per-seed results and print them as markdown: the lecture's comparison table with
+a measured row under each qualitative one, and one detailed table per dataset.
+
+Every cell is ``mean ± std`` over seeds (population std; the seed count is in the header). No column
+mixes units or kinds: bits/dim (discrete data) and NLL gaps in nats (2D data) sit in separate tables,
+and exact likelihoods, bounds and unbiased estimates in separate columns.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
+import math
+from collections import defaultdict
 from typing import Sequence
 
-# (key, header, format) in display order; a row without the key shows "-".
-COLUMNS: Sequence[tuple[str, str, str]] = (
-    ("run", "run", "{}"),
-    ("family", "family", "{}"),
-    ("dataset", "dataset", "{}"),
-    ("likelihood", "likelihood", "{}"),
-    ("params", "params", "{:,}"),
-    ("train_steps", "train steps", "{:,}"),
-    ("train_seconds", "train s", "{:.0f}"),
-    ("test_loss", "test loss", "{:.4f}"),
-    ("test_nll_nats", "test NLL (nats)", "{:.3f}"),
-    ("true_entropy_nats", "true H (nats)", "{:.3f}"),
-    ("nll_gap_nats", "NLL gap (nats)", "{:+.3f}"),
-    ("test_bpd", "test bits/dim", "{:.3f}"),
-    ("energy_distance", "energy dist.", "{:.4f}"),
-    ("energy_distance_floor", "ED floor", "{:.4f}"),
-    ("nfe_per_sample", "NFE/sample", "{}"),
-    ("ms_per_sample", "ms/sample", "{:.3f}"),
-)
+from lightning_flows.benchmark.lecture import LECTURE_COLUMNS, LECTURE_ROWS
+
+LIKELIHOOD_KINDS = ("exact", "estimate", "bound")
+KIND_LABEL = {"exact": "exact", "estimate": "unbiased est.", "bound": "bound"}
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    value = row.get(key)
-    return "-" if value is None else fmt.format(value)
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+    """One entry per (dataset, model): every numeric key as ``{key: (mean, std)}`` plus the constant labels."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["dataset"], row["model"])].append(row)
+    out = []
+    for (dataset, model), members in groups.items():
+        entry = {"dataset": dataset, "model": model, "seeds": sorted(r["seed"] for r in members)}
+        numeric_keys = {k for r in members for k, v in r.items() if _is_number(v)} - {"seed"}
+        for key in sorted(numeric_keys):
+            values = [float(r[key]) for r in members if _is_number(r.get(key))]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            entry[key] = (mean, std)
+        for key in ("family", "objective", "likelihood_declared", "weights", "extractor", "reference_split",
+                    "reasons"):
+            values = [r.get(key) for r in members if r.get(key) is not None]
+            if values:
+                entry[key] = values[0] if key != "weights" else "/".join(sorted(set(values)))
+        out.append(entry)
+    return out
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cell(entry: dict, key: str, fmt: str = "{:.3f}", spread: bool = True) -> str:
+    """``mean ± std`` of ``key`` (just the mean with one seed or ``spread=False``), or ``-``."""
+    if key not in entry:
+        return "-"
+    mean, std = entry[key]
+    text = fmt.format(mean)
+    if not spread or len(entry["seeds"]) < 2 or key in CONSTANT_KEYS:
+        return text
+    return f"{text} ± {fmt.replace('+', '').format(std)}"
+
+
+def _steps(entry: dict) -> str:
+    return f"{cell(entry, 'optimizer_steps', '{:,.0f}', False)} × {cell(entry, 'batch_size', '{:.0f}', False)}"
+
+
+# Set by the suite, identical across seeds: shown without a spread.
+CONSTANT_KEYS = {"params", "optimizer_steps", "batch_size", "devices", "n_reference", "n_quality", "n_floor",
+                 "sample_batch_size", "num_modes", "likelihood_examples", "true_entropy_nats",
+                 # floors depend on the data split only, not on the model's seed
+                 "fid_floor", "kid_floor", "energy_distance_floor"}
+
+# (header, key, format) per dataset kind; a column is shown when any model has it.
+COMMON = (("params", "params", "{:,.0f}"), ("train s", "train_seconds", "{:.1f}"),
+          ("examples/s", "examples_per_second", "{:,.0f}"), ("NFE/sample", "nfe_per_sample", "{:.0f}"),
+          ("ms/sample", "ms_per_sample", "{:.3f}"))
+IMAGE_COLUMNS = COMMON + tuple((f"bits/dim ({KIND_LABEL[k]})", f"bpd_{k}", "{:.3f}") for k in LIKELIHOOD_KINDS) + (
+    ("FID", "fid", "{:.2f}"), ("FID floor", "fid_floor", "{:.2f}"), ("KID", "kid", "{:.3g}"),
+    ("KID floor", "kid_floor", "{:.3g}"), ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"),
+    ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"))
+POINT_COLUMNS = COMMON + tuple((f"NLL gap, nats ({KIND_LABEL[k]})", f"nll_gap_{k}", "{:+.3f}")
+                               for k in LIKELIHOOD_KINDS) + (
+    ("energy dist.", "energy_distance", "{:.4f}"), ("ED floor", "energy_distance_floor", "{:.4f}"),
+    ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"), ("modes hit", "modes_hit", "{:.1f}"),
+    ("mode KL (nats)", "mode_kl", "{:.3f}"), ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"))
+def dataset_table(entries: Sequence[dict], image: bool) -> str:
+    columns = [c for c in (IMAGE_COLUMNS if image else POINT_COLUMNS) if any(c[1] in e for e in entries)]
+    header = ["model", "objective", "steps × batch", *[c[0] for c in columns], "weights"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for entry in entries:
+        cells = [entry["model"], entry.get("objective", "-"), _steps(entry)]
+        cells += [cell(entry, key, fmt) for _, key, fmt in columns]
+        cells.append(entry.get("weights", "-"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: Sequence[dict], out_dir: str | Path, preamble: str = "") -> Path:
-    """Write the three files to ``out_dir`` and return the path of table.md."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(list(rows), indent=2, default=str) + "\n")
-    keys = [k for k, _, _ in COLUMNS] + sorted({k for r in rows for k in r} - {k for k, _, _ in COLUMNS})
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    table = out / "table.md"
-    table.write_text((preamble + "\n\n" if preamble else "") + markdown_table(rows))
-    return table
+def _likelihood_summary(entry: dict, image: bool) -> str:
+    parts = []
+    for kind in LIKELIHOOD_KINDS:
+        key = f"bpd_{kind}" if image else f"nll_gap_{kind}"
+        if key in entry:
+            unit = "bits/dim" if image else "nats gap"
+            parts.append(f"{cell(entry, key, '{:.2f}' if image else '{:+.3f}')} {unit} ({KIND_LABEL[kind]})")
+    return "; ".join(parts) if parts else "none"
+
+
+def _quality_summary(entry: dict, image: bool) -> str:
+    if image:
+        if "fid" not in entry:
+            return "-"
+        return (f"FID {cell(entry, 'fid', '{:.1f}')} (floor {cell(entry, 'fid_floor', '{:.1f}', False)}), "
+                f"P/R {cell(entry, 'precision', '{:.2f}', False)}/{cell(entry, 'recall', '{:.2f}', False)}")
+    if "energy_distance" not in entry:
+        return "-"
+    text = f"ED {cell(entry, 'energy_distance', '{:.4f}')}"
+    if "modes_hit" in entry:
+        text += f", {cell(entry, 'modes_hit', '{:.0f}', False)}/8 modes"
+    return text
+
+
+def _limitation_summary(entry: dict, image: bool) -> str:
+    """The lecture's "key limitation", as a number where the family has one."""
+    family = entry.get("family", "")
+    parts = []
+    if "posterior_gap_nats" in entry:
+        parts.append(f"posterior gap {cell(entry, 'posterior_gap_nats', '{:.2f}')} nats")
+    if not image and "mode_kl" in entry and family == "GAN":
+        parts.append(f"mode KL {cell(entry, 'mode_kl', '{:.3f}')} nats")
+    if family in ("CNF", "FlowMatching", "Diffusion") and "nfe_per_sample" in entry:
+        parts.append(f"{cell(entry, 'nfe_per_sample', '{:.0f}', False)} NFE/sample")
+    quality = "fid" if image else "energy_distance"
+    if quality in entry and len(entry["seeds"]) > 1:
+        mean, std = entry[quality]
+        parts.append(f"seed spread {100 * std / max(abs(mean), 1e-12):.0f}% of {'FID' if image else 'ED'}")
+    if family in ("RealNVP", "Glow", "NSF") and not image and "nll_gap_exact" in entry:
+        parts.append(f"NLL gap {cell(entry, 'nll_gap_exact', '{:+.3f}')} nats")
+    return "; ".join(parts) if parts else "-"
+
+
+def lecture_table(entries: Sequence[dict], image_datasets: set[str]) -> str:
+    """The lecture's rows, each followed by the measured row (one line per dataset in each cell)."""
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for entry in entries:
+        by_model[entry["model"]].append(entry)
+    header = ["Method", "", *LECTURE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for model, members in by_model.items():
+        family = members[0].get("family", model)
+        method, lecture = LECTURE_ROWS.get(family, (family, ("-",) * len(LECTURE_COLUMNS)))
+        lines.append(f"| {method} ({model}) | lecture | " + " | ".join(lecture) + " |")
+        columns: list[list[str]] = [[] for _ in LECTURE_COLUMNS]
+        for entry in members:
+            image = entry["dataset"] in image_datasets
+            tag = f"{entry['dataset']}: "
+            columns[0].append(tag + f"{_steps(entry)} in {cell(entry, 'train_seconds', '{:.0f}', False)} s")
+            columns[1].append(tag + f"{cell(entry, 'nfe_per_sample', '{:.0f}', False)} NFE, "
+                                    f"{cell(entry, 'ms_per_sample', '{:.3f}', False)} ms/sample")
+            columns[2].append(tag + _likelihood_summary(entry, image))
+            columns[3].append(tag + _quality_summary(entry, image))
+            columns[4].append(tag + _limitation_summary(entry, image))
+        lines.append("| | measured | " + " | ".join("<br>".join(c) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_plan(suite, plan_rows: Sequence[dict], extra: Sequence[str]) -> str:
+    """The ``--dry-run`` printout: every run of a suite with its budget and evaluation."""
+    header = ("run", "config", "family", "params", "steps", "batch", "seeds", "evaluation")
+    lines = [f"Suite '{suite.name}' ({suite.path}): {len(plan_rows)} models x {len(suite.seeds)} seeds; "
+             f"extra fit arguments: {' '.join(extra) or 'none'}", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in plan_rows:
+        lines.append(f"| {r['run']} | {r['config']} | {r['family']} | {r['params']:,} | {r['steps']:,} | "
+                     f"{r['batch_size']} | {r['seeds']} | {r['evaluation']} |")
+    if suite.expected_wall_time:
+        lines += ["", "Expected wall time: " + "; ".join(f"{k}: {v}" for k, v in suite.expected_wall_time.items())]
+    return "\n".join(lines)

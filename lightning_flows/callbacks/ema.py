@@ -80,6 +80,11 @@ class EMACallback(L.Callback):
         self.num_updates += 1
 
     # ---- swapping the EMA weights in for evaluation ----
+    @property
+    def swapped_in(self) -> bool:
+        """True while the model holds the EMA weights (between ``swap_in`` and ``swap_out``)."""
+        return self._training_weights is not None
+
     @torch.no_grad()
     def swap_in(self, pl_module: L.LightningModule) -> None:
         """Load the EMA weights into the model, keeping the training weights aside."""

@@ -117,3 +117,8 @@ TOY_LOG_DENSITIES: dict[str, Callable[[Tensor], Tensor]] = {
     "8gaussians": log_density_8gaussians,
     "checkerboard": log_density_checkerboard,
 }
+
+# Mixtures with known, equally weighted modes: (centres (K, 2), per-mode std), for mode-coverage counts.
+TOY_MODES: dict[str, tuple[Tensor, float]] = {
+    "8gaussians": ((_eight_gaussian_centers() * _EIGHT_GAUSS_SCALE).float(), _EIGHT_GAUSS_STD * _EIGHT_GAUSS_SCALE),
+}

@@ -1,6 +1,13 @@
-"""Evaluation metrics shared by every family."""
+"""Evaluation metrics shared by every family: pure functions, no Lightning, no I/O.
+
+The one place that decides *what* is measured and *how* is :mod:`lightning_flows.evaluation`.
+"""
 
 from lightning_flows.metrics.bits_per_dim import bits_per_dim
 from lightning_flows.metrics.energy_distance import energy_distance
+from lightning_flows.metrics.fid import frechet_distance, kernel_distance
+from lightning_flows.metrics.mode_coverage import ModeCoverage, mode_coverage
+from lightning_flows.metrics.precision_recall import precision_recall
 
-__all__ = ["bits_per_dim", "energy_distance"]
+__all__ = ["bits_per_dim", "energy_distance", "frechet_distance", "kernel_distance", "ModeCoverage", "mode_coverage",
+           "precision_recall"]

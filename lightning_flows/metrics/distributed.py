@@ -45,3 +45,12 @@ def barrier(device: torch.device | str = "cpu") -> None:
     """Wait for every rank (implemented as a tiny all-reduce, which works on every backend)."""
     if is_distributed():
         sum_across_ranks(torch.zeros(1), device)
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects, e.g. CPU tensors)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

@@ -9,7 +9,7 @@ Everything is in *model space*; the DataModule maps to pixels and to bits/dim.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -29,6 +29,11 @@ class GenerativeModel(L.LightningModule):
     """
 
     likelihood: Likelihood = "none"
+    # Optimizer steps Lightning counts per training batch (a GAN steps two networks): a budget of
+    # ``steps`` per network is ``max_steps = steps * optimizer_steps_per_batch``.
+    optimizer_steps_per_batch: int = 1
+    # The lecture's name for the family's objective (the comparison table's "Training objective").
+    objective: str = ""
 
     def __init__(self, data_shape: Sequence[int] = (2,), lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
@@ -53,6 +58,18 @@ class GenerativeModel(L.LightningModule):
     def log_prob(self, x: Tensor) -> Tensor:
         """``x: (B, *data_shape)`` -> ``(B,)`` log-density in nats (exact or a lower bound)."""
         raise NotImplementedError(f"{type(self).__name__} has likelihood='{self.likelihood}' and no log_prob.")
+
+    @property
+    def likelihood_kind(self) -> str:
+        """What ``log_prob`` returns: ``exact``, ``bound``, ``estimate`` (an unbiased estimate of the exact
+        value, e.g. with Hutchinson's trace) or ``none``."""
+        return self.likelihood
+
+    def likelihood_estimators(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Every log-likelihood the family can report, by kind (see :attr:`likelihood_kind`):
+        ``{kind: x -> (B,) nats in model space}``. The evaluator reports each; a family with more than
+        one (e.g. a bound and an exact ODE likelihood) overrides this."""
+        return {} if self.likelihood == "none" else {self.likelihood_kind: self.log_prob}
 
     # ---- shared Lightning plumbing ----
     def _check_input(self, x: Tensor) -> None:

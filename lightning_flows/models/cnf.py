@@ -56,6 +56,7 @@ class CNF(GenerativeModel):
     """
 
     likelihood = "exact"
+    objective = "Exact MLE via ODE + trace"
 
     def __init__(self, data_shape: Sequence[int] = (2,), field: str = "auto", hidden: int = 64, depth: int = 3,
                  channels: int = 32, activation: str = "softplus",
@@ -109,6 +110,10 @@ class CNF(GenerativeModel):
     def _log_train(self, name: str, value: Tensor | float) -> None:
         if self._trainer is not None and self.training:
             self.log(name, value)
+
+    @property
+    def likelihood_kind(self) -> str:
+        return "estimate" if self.test_divergence == "hutchinson" else "exact"
 
     def log_prob(self, x: Tensor, solver: SolverConfig | None = None, divergence: str | None = None) -> Tensor:
         """Exact ``log p(x)`` in nats (test solver, exact trace by default): ``(B, *data_shape)`` -> ``(B,)``."""

@@ -153,6 +153,7 @@ class Diffusion(GenerativeModel):
     """
 
     likelihood = "bound"
+    objective = "Score matching (denoising)"
 
     def __init__(self, data_shape: Sequence[int] = (2,), num_steps: int = 1000,
                  schedule: Literal["linear", "cosine"] = "linear", backbone: str = "auto", hidden: int = 256,

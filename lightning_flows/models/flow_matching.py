@@ -43,6 +43,7 @@ class FlowMatching(GenerativeModel):
     """
 
     likelihood = "exact"
+    objective = "Supervised learning of velocities"
 
     def __init__(self, data_shape: Sequence[int] = (2,), backbone: str = "auto", hidden: int = 256,
                  depth: int = 3, activation: str = "silu", base_channels: int = 32,
@@ -78,6 +79,10 @@ class FlowMatching(GenerativeModel):
         solution = integrate(self.velocity, x0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
         return solution.states
+
+    @property
+    def likelihood_kind(self) -> str:
+        return "estimate" if self.likelihood_divergence == "hutchinson" else "exact"
 
     def log_prob(self, x: Tensor, solver: SolverConfig | None = None) -> Tensor:
         """``log p(x)`` in nats of the model's ODE, ``(B, *data_shape)`` -> ``(B,)``.

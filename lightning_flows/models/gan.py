@@ -69,6 +69,8 @@ class GAN(GenerativeModel):
     """
 
     likelihood = "none"
+    objective = "Adversarial loss"
+    optimizer_steps_per_batch = 2  # one discriminator and one generator step
 
     def __init__(self, data_shape: Sequence[int] = (2,), latent_dim: int = 32, network: str = "auto",
                  hidden: int = 256, depth: int = 3, activation: str = "silu", base_channels: int = 32,

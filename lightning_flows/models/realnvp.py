@@ -60,6 +60,7 @@ class ExactFlowModel(GenerativeModel):
     """A :class:`GenerativeModel` around a :class:`NormalizingFlow` in ``self.flow`` (set by subclasses)."""
 
     likelihood = "exact"
+    objective = "Exact MLE via change-of-vars"
     flow: NormalizingFlow
 
     def _build_flow(self, architecture: str, preprocess: str, logit_alpha: float, levels: int, steps: int) -> None:

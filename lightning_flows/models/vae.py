@@ -53,6 +53,7 @@ class VAE(GenerativeModel):
     """
 
     likelihood = "bound"
+    objective = "ELBO (variational)"
 
     def __init__(self, data_shape: Sequence[int] = (2,), latent_dim: int = 16, network: str = "auto",
                  hidden: int = 256, depth: int = 2, activation: str = "silu", base_channels: int = 32,

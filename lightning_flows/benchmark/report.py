@@ -1,0 +1,141 @@
+"""Everything a finished (or partly finished) suite writes: table.md, table.csv, results.json, figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lightning_flows.benchmark.environment import describe_device
+from lightning_flows.benchmark.figures import bits_per_dim_bars, montage, quality_vs_cost
+from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
+from lightning_flows.data import GenerativeDataModule, dataset_info
+from lightning_flows.evaluation import KEYS
+
+COLUMN_GUIDE = """\
+How to read it:
+- Every number comes from `lightning_flows.evaluation.Evaluator`, the code behind the evaluation callbacks and
+  `lightning-flows test`; the weights evaluated are the ones `lightning-flows sample` uses (`weights`: EMA where
+  the run kept an average). `mean ± std` is over the seeds (population std).
+- *steps × batch*: optimizer steps per network at that batch size (the GAN's discriminator and generator each take
+  that many). *train s*: time inside training batches only (no start-up, validation, sample grids or checkpoints);
+  *examples/s* = examples seen / train s.
+- *NFE/sample*: network evaluations per sample; *ms/sample*: device-milliseconds per sample after a warm-up,
+  drawing the same batch size for every family.
+- *bits/dim*: test NLL of the dequantised data through the one bits/dim formula; *exact* = exact likelihood,
+  *unbiased est.* = an unbiased estimate of the exact likelihood (Hutchinson's trace), *bound* = a variational
+  bound (VAE: IWAE-K; diffusion: DDPM's bound). A bound is an upper bound on the NLL, not comparable as equal.
+- *NLL gap*: test NLL minus the data's true entropy on the same points (0 is the physical limit).
+- *FID/KID*: features of the suite's extractor on n generated samples against the reference split; the *floor*
+  is another real split at the same n against the same reference. FID shrinks with n, so compare it only at equal
+  n and extractor (these are not comparable with published Inception FIDs unless the extractor is Inception and n
+  is 10k/50k); KID is unbiased in n. *precision/recall*: k-NN manifolds (k=3) in feature space.
+- *energy dist.* (2D): energy distance of the samples to held-out data; the floor compares two real sets (this
+  U-statistic can dip below zero). *modes hit*: of the 8 Gaussians, modes receiving >= 1% of the samples;
+  *mode KL*: KL(mode histogram || uniform).
+- *posterior gap*: VAE's IWAE-K bound minus its ELBO (nats), the lecture's "posterior gap".
+"""
+
+
+def _env_line(suite, environment: dict) -> str:
+    packages = environment["packages"]
+    return (f"Produced by `lightning-flows benchmark --suite {suite.path}` on {describe_device()}, git "
+            f"{environment['git_commit'][:12]}, torch {packages['torch']}, lightning {packages['lightning']}.")
+
+
+def _real_for_montage(dataset: str, seed: int, n: int) -> torch.Tensor:
+    dm = GenerativeDataModule(dataset, seed=seed)
+    data = dm.split("test")[:n]
+    return dm.to_pixels(data) if dm.is_discrete else data
+
+
+def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logger: str = "csv") -> Path:
+    """Write ``table.md``, ``table.csv``, ``results.json`` and the figures for the finished ``rows``."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = aggregate(rows)
+    image_datasets = {d for d in suite.datasets if dataset_info(d).is_image}
+    seeds = sorted({r["seed"] for r in rows})
+    missing = len(suite.runs) - len(rows)
+    parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment),
+             f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); mean ± std over seeds.", ""]
+    if suite.description:
+        parts += [suite.description.strip(), ""]
+    if missing:
+        parts += [f"**Partial: {missing} of {len(suite.runs)} runs have no result yet** (rerun the same command to "
+                  f"finish them).", ""]
+    parts += ["## The lecture's comparison, measured", "", lecture_table(entries, image_datasets)]
+    for dataset in suite.datasets:
+        members = [e for e in entries if e["dataset"] == dataset]
+        if not members:
+            continue
+        spec = next(r["evaluation"] for r in rows if r["dataset"] == dataset)
+        first = next(r for r in rows if r["dataset"] == dataset)
+        if dataset in image_datasets:
+            detail = (f"sample quality: {spec['n_samples']} samples, features `{first.get('extractor', '-')}`, "
+                      f"reference: {spec['reference_split']} split (n={first.get('n_reference', '-')}), floor n="
+                      f"{first.get('n_floor', '-')}; bits/dim on the {first.get('likelihood_split', 'test')} split "
+                      f"(n={first.get('likelihood_examples', '-')})")
+        else:
+            detail = (f"{spec['n_samples']} samples against {first.get('n_reference', '-')} points of the "
+                      f"{spec['reference_split']} split; NLL on {first.get('likelihood_examples', '-')} test points")
+        parts += [f"## {dataset}", "", detail, "", dataset_table(members, dataset in image_datasets)]
+    reasons = sorted({(e["model"], reason) for e in entries for reason in e.get("reasons") or []})
+    if reasons:
+        parts += ["## Deviations from the suite's recipe", ""] + [f"- `{m}`: {r}" for m, r in reasons] + [""]
+    figures = _write_figures(suite, entries, rows, out, image_datasets)
+    if figures:
+        parts += ["## Figures", ""] + [f"![{name}]({path.relative_to(out)})" for name, path in figures.items()] + [""]
+    parts += [COLUMN_GUIDE]
+    table = out / "table.md"
+    table.write_text("\n".join(parts))
+    _write_csv(entries, out / "table.csv")
+    (out / "results.json").write_text(json.dumps(
+        {"suite": suite.name, "suite_file": str(suite.path), "environment": environment, "keys": KEYS,
+         "runs": list(rows)}, indent=1, default=str) + "\n")
+    if logger == "wandb":
+        from lightning_flows.benchmark.tracking import log_suite_table
+
+        log_suite_table(suite, entries, figures)
+    return table
+
+
+def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) -> dict[str, Path]:
+    figures = {"quality vs sampling cost": quality_vs_cost(entries, image_datasets, out / "quality_vs_cost.png")}
+    baselines = {}
+    for dataset in sorted(image_datasets):
+        info = dataset_info(dataset)
+        baselines[f"uniform ({dataset})"] = math.log2(info.levels)
+    bars = bits_per_dim_bars(entries, out / "bits_per_dim.png", baselines)
+    if bars is not None:
+        figures["bits/dim by model"] = bars
+    samples = {}
+    for row in rows:
+        path = out / "samples" / f"{row['dataset']}__{row['model']}__seed{row['seed']}.pt"
+        if row["seed"] == min(r["seed"] for r in rows) and path.is_file():
+            kept = torch.load(path, weights_only=True)
+            dm = GenerativeDataModule(row["dataset"])
+            samples[(row["dataset"], row["model"])] = dm.to_pixels(kept) if dm.is_discrete else kept
+    if samples:
+        real = {d: _real_for_montage(d, 0, 2000 if d not in image_datasets else 36) for d in {d for d, _ in samples}}
+        figures["samples of every model beside real data"] = montage(samples, real, out / "montage.png",
+                                                                           suite.models)
+    return figures
+
+
+def _write_csv(entries, path: Path) -> None:
+    keys = sorted({k for e in entries for k, v in e.items() if isinstance(v, tuple)})
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "model", "family", "seeds"] + [f"{k}{s}" for k in keys for s in ("", "_std")])
+        for e in entries:
+            values = []
+            for k in keys:
+                values += list(e[k]) if k in e else ["", ""]
+            writer.writerow([e["dataset"], e["model"], e.get("family", ""), len(e["seeds"])] + values)
+    os.replace(tmp, path)

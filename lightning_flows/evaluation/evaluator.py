@@ -1,0 +1,206 @@
+"""The one evaluator: every number of the callbacks, ``lightning-flows test`` and the benchmark.
+
+``Evaluator(spec).evaluate(model, datamodule)`` returns one flat dict (short, stable keys; see
+:data:`KEYS`), with the labels a number needs to be read correctly (likelihood kind, extractor,
+sample counts, which weights). It draws the samples once and feeds every quality metric and the
+sampling-cost timer from them; under DDP each rank draws and featurises its share, and every rank
+ends with the same values (identical to a single process on the same samples).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_flows.data.toy2d import TOY_MODES
+from lightning_flows.evaluation.likelihood import split_likelihood
+from lightning_flows.evaluation.reference import build_extractor, extract_features, reference_features
+from lightning_flows.evaluation.samples import gather_chunks, generate_chunks, warm_up
+from lightning_flows.evaluation.spec import EvaluationSpec, floor_split_for
+from lightning_flows.metrics import (energy_distance, frechet_distance, kernel_distance, mode_coverage,
+                                     precision_recall)
+from lightning_flows.metrics.classifier import default_cache_dir
+from lightning_flows.metrics.distributed import rank_and_world
+from lightning_flows.metrics.sampling_cost import SamplingCost
+
+# What each key of a result means (the table, results.json and loggers use these names).
+KEYS = {
+    "weights": "which weights were evaluated: 'ema' (the run's average, what `sample` uses) or 'training'",
+    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate",
+    "bpd_<kind>": "the same NLL as bits per dimension of the discrete data (through metrics.bits_per_dim)",
+    "nll_gap_<kind>": "NLL minus the data's true entropy (toy densities with a known density); 0 is the limit",
+    "true_entropy_nats": "the data's entropy on the same examples, -mean log p_data",
+    "likelihood_examples": "examples the NLL averages over",
+    "posterior_gap_nats": "VAE: IWAE_K bound minus ELBO, nats per example (the lecture's posterior gap)",
+    "nfe_per_sample": "network evaluations per generated sample",
+    "ms_per_sample": "device-milliseconds per sample after one warm-up call, at sample_batch_size per call",
+    "fid / fid_floor": "FID of the samples / of another real split at the same n, against the reference split",
+    "fid_n<n>": "FID of the first n samples (EvaluationSpec.fid_sample_counts)",
+    "kid / kid_std / kid_floor": "unbiased KID (mean and std over subsets) and its real-vs-real floor",
+    "precision / recall": "k-NN precision and recall in feature space (2D data: the coordinates)",
+    "energy_distance / energy_distance_floor": "2D data: energy distance to the reference split, and its floor",
+    "modes_hit / mode_kl / good_fraction": "8gaussians: modes receiving >= 1% of samples, KL(mode histogram || "
+                                           "uniform) in nats, fraction of samples within 3 std of a mode",
+}
+
+
+class Evaluator:
+    """Measure a model on a DataModule as ``spec`` says. Holds the feature extractor and the reference
+    features between calls, so a callback that evaluates every few epochs pays for them once."""
+
+    def __init__(self, spec: EvaluationSpec | None = None):
+        self.spec = spec or EvaluationSpec()
+        self.cache_dir = Path(self.spec.cache_dir).expanduser() if self.spec.cache_dir else default_cache_dir()
+        self._extractor = None
+        self._reference: dict[tuple, tuple[Tensor, Tensor]] = {}  # (dataset, split) -> (reference, floor)
+        self.last_samples: Tensor | None = None  # the evaluated samples, model space, every rank
+        self.last_rank_samples = 0  # how many of them this rank drew
+
+    # ---- the entry point ----
+    def evaluate(self, model, datamodule, weights: str = "training", likelihood_split: str | None = None,
+                 max_likelihood_examples: int | None = None) -> dict:
+        """All of ``spec``'s numbers for ``model`` on ``datamodule``; a collective under DDP.
+
+        ``weights`` is recorded as given (see :mod:`lightning_flows.evaluation.weights`);
+        ``likelihood_split`` / ``max_likelihood_examples`` override the spec (callbacks use the
+        stage's split and honour ``limit_val_batches``).
+        """
+        spec = self.spec
+        datamodule.setup()
+        rank, world = rank_and_world()
+        was_training = model.training
+        model.eval()
+        result: dict = {"weights": weights, "dataset": datamodule.dataset}
+        try:
+            if spec.likelihood:
+                result.update(self._likelihood(model, datamodule, likelihood_split or spec.likelihood_split,
+                                               max_likelihood_examples or spec.max_likelihood_examples,
+                                               rank, world))
+            if spec.quality or spec.timing:
+                result.update(self._samples(model, datamodule, rank, world))
+        finally:
+            model.train(was_training)
+        return result
+
+    # ---- likelihood ----
+    def _likelihood(self, model, datamodule, split: str, limit: int | None, rank: int, world: int) -> dict:
+        data = datamodule.split(split)
+        data = data[:limit] if limit else data
+        with self._bar(len(data), f"likelihood ({split})", rank) as bar:
+            outcome = split_likelihood(model, data, self.spec.likelihood_batch_size, self.spec.seed, rank, world,
+                                       extras=self.spec.extras, progress=bar)
+        if not outcome.nll:
+            return {}
+        result: dict = {"likelihood_split": split, "likelihood_examples": outcome.examples, **outcome.extras}
+        true_log_p = datamodule.true_log_density(data[: outcome.examples])
+        entropy = None if true_log_p is None else float(-true_log_p.double().mean())
+        if entropy is not None:
+            result["true_entropy_nats"] = entropy
+        for kind, nll in outcome.nll.items():
+            result[f"nll_{kind}"] = nll
+            if datamodule.is_discrete:
+                result[f"bpd_{kind}"] = float(datamodule.bits_per_dim(nll))
+            if entropy is not None:
+                result[f"nll_gap_{kind}"] = nll - entropy
+        return result
+
+    # ---- samples: cost and quality ----
+    def _samples(self, model, datamodule, rank: int, world: int) -> dict:
+        spec = self.spec
+        if spec.timing:
+            warm_up(model, min(spec.sample_batch_size, 16))
+        cost = SamplingCost()
+        with self._bar(spec.n_samples, "sampling", rank) as bar:
+            chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
+                                     progress=bar)
+        self.last_rank_samples = sum(len(x) for _, x in chunks)
+        result: dict = {}
+        if spec.timing:
+            total = cost.reduced(model.device)
+            result.update(sample_batch_size=spec.sample_batch_size, ms_per_sample=1000 * total.sec_per_sample)
+            if total.nfe_per_sample is not None:
+                result["nfe_per_sample"] = total.nfe_per_sample
+        if not spec.quality:
+            self.last_samples = None
+            return result
+        if len(datamodule.data_shape) == 3:
+            result.update(self._image_quality(chunks, datamodule, model.device, rank, world))
+        else:
+            result.update(self._point_quality(gather_chunks(chunks), datamodule))
+        return result
+
+    def _image_quality(self, chunks, datamodule, device, rank: int, world: int) -> dict:
+        spec = self.spec
+        if self._extractor is None:
+            self._extractor = build_extractor(spec.feature_extractor, datamodule.dataset,
+                                              spec.feature_extractor_weights_path, self.cache_dir, rank, device)
+        extractor = self._extractor.to(device)
+        reference, floor = self._reference_and_floor(datamodule, device, rank, world)
+        fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device))
+                       for i, x in chunks]
+        self.last_samples = gather_chunks(chunks)
+        fake = gather_chunks(fake_chunks)
+        kid, kid_std = kernel_distance(reference, fake, spec.kid_subsets, seed=spec.seed)
+        kid_floor, _ = kernel_distance(reference, floor, spec.kid_subsets, seed=spec.seed)
+        precision, recall = precision_recall(reference, fake, spec.pr_k)
+        extra_fids = {f"fid_n{n}": frechet_distance(reference, fake[:n]) for n in spec.fid_sample_counts or []
+                      if 2 <= n < len(fake)}
+        return {**extra_fids, "extractor": f"{extractor.name}-{extractor.fingerprint}",
+                "reference_split": spec.reference_split,
+                "n_reference": len(reference), "n_quality": len(fake), "n_floor": len(floor),
+                "fid": frechet_distance(reference, fake), "fid_floor": frechet_distance(reference, floor),
+                "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "precision": precision, "recall": recall}
+
+    def _reference_and_floor(self, datamodule, device, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        key = (datamodule.dataset, datamodule.seed, self.spec.reference_split)
+        if key not in self._reference:
+            extract = lambda split: reference_features(self._extractor, datamodule, split, self.cache_dir,  # noqa
+                                                       rank, world, device, self.spec.sample_batch_size)
+            reference = extract(self.spec.reference_split)
+            floor = extract(floor_split_for(self.spec.reference_split))[: self.spec.n_samples]
+            self._reference[key] = (reference, floor)
+        return self._reference[key]
+
+    def _point_quality(self, samples: Tensor, datamodule) -> dict:
+        spec = self.spec
+        self.last_samples = samples
+        n = len(samples)
+        reference = datamodule.split(spec.reference_split)[:n]
+        floor = datamodule.split(floor_split_for(spec.reference_split))[:n]
+        precision, recall = precision_recall(reference, samples.cpu(), spec.pr_k)
+        result = {"reference_split": spec.reference_split, "n_quality": n, "n_reference": len(reference),
+                  "energy_distance": float(energy_distance(samples.cpu(), reference)),
+                  "energy_distance_floor": float(energy_distance(floor, reference)),
+                  "precision": precision, "recall": recall}
+        if datamodule.dataset in TOY_MODES:
+            centres, std = TOY_MODES[datamodule.dataset]
+            coverage = mode_coverage(samples.cpu(), centres, std)
+            result.update(modes_hit=coverage.modes_hit, num_modes=coverage.num_modes,
+                          mode_kl=coverage.kl_to_uniform, good_fraction=coverage.good_fraction)
+        return result
+
+    def _bar(self, total: int, description: str, rank: int):
+        return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True,
+                    disable=not self.spec.progress or rank != 0)
+
+
+# Counts and settings that label other numbers; kept in results, not logged as metrics.
+LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes")
+
+
+def metric_names(result: dict) -> dict[str, str]:
+    """Key -> the name a logger records it under: FID/KID carry their extractor, reference split and n
+    (so that numbers from different settings are never compared by accident)."""
+    names = {}
+    for key, value in result.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or key in LABEL_KEYS:
+            continue
+        if key in ("fid", "kid", "kid_std"):
+            names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_quality']}"
+        elif key in ("fid_floor", "kid_floor"):
+            names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_floor']}"
+        else:
+            names[key] = key
+    return names

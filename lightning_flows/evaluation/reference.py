@@ -1,0 +1,104 @@
+"""Real-data features for sample quality: the extractor, the reference split's features and the cache.
+
+Features of a real split depend on the split's contents and the extractor's weights only, so they
+are computed once and cached under ``<cache_dir>/reference_features/``. The file name carries a hash
+of everything that defines them (dataset, split, the split's raw contents -- which covers the data
+seed and ``n_val`` --, the extractor's name and weight fingerprint, and :data:`CACHE_VERSION`), and the
+file repeats that key inside: a file whose key or row count does not match is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_flows.metrics.distributed import all_ranks_agree, barrier, gather_objects
+from lightning_flows.metrics.features import build_feature_extractor
+
+CACHE_VERSION = 2  # bump when the way features are computed changes
+
+
+def real_pixels(datamodule, split: str) -> Tensor:
+    """Split ``split`` of an image DataModule as pixels in [0, 1]: ``(N, C, H, W)``, level / (levels - 1),
+    exactly the grid ``dm.to_pixels`` puts generated samples on."""
+    datamodule.setup()
+    if not datamodule.is_discrete or len(datamodule.data_shape) != 3:
+        raise ValueError(f"FID needs an image dataset; '{datamodule.dataset}' has examples of shape "
+                         f"{datamodule.data_shape}. Use energy distance and precision/recall for 2D data.")
+    return getattr(datamodule.splits, split).float() / (datamodule.levels - 1)
+
+
+def split_fingerprint(datamodule, split: str) -> str:
+    """A hash of the raw contents of ``split`` (so the data seed and split sizes are part of it)."""
+    datamodule.setup()
+    raw = getattr(datamodule.splits, split)
+    digest = hashlib.sha256(f"{datamodule.dataset}|{split}|{tuple(raw.shape)}|{raw.dtype}".encode())
+    digest.update(raw.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_extractor(name: str, dataset: str, weights_path: str | None, cache_dir: Path, rank: int,
+                    device: torch.device):
+    """The feature extractor on every rank. Rank zero builds first (it may download Inception weights or
+    train and cache the classifier); the others then load what it wrote instead of racing to write it."""
+    build = lambda: build_feature_extractor(name, dataset, weights_path, cache_dir)  # noqa: E731
+    extractor = build() if rank == 0 else None
+    barrier(device)
+    return (extractor if rank == 0 else build()).to(device)
+
+
+def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU."""
+    if len(pixels) == 0:
+        return torch.zeros(0, extractor.num_features)
+    return torch.cat([extractor(pixels[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(pixels), batch_size)])
+
+
+def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:
+    data_hash = split_fingerprint(datamodule, split)
+    key = f"{datamodule.dataset}_{split}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
+    return Path(cache_dir) / "reference_features" / f"{key}_v{CACHE_VERSION}.pt"
+
+
+def _load_valid(path: Path, expected_rows: int) -> Tensor | None:
+    """The cached features if the file is readable and its key and size match, else None."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        features = payload["features"]
+        if payload.get("key") == path.stem and features.shape[0] == expected_rows:
+            return features
+        reason = f"key {payload.get('key')!r} / {features.shape[0]} rows, expected {path.stem!r} / {expected_rows}"
+    except Exception as err:  # truncated or foreign file: recompute
+        reason = f"{type(err).__name__}: {err}"
+    warnings.warn(f"Ignoring stale or unreadable cached features {path} ({reason}); recomputing.", stacklevel=2)
+    return None
+
+
+def reference_features(extractor, datamodule, split: str, cache_dir: Path, rank: int, world: int,
+                       device: torch.device, batch_size: int = 500) -> Tensor:
+    """Features of the whole real split ``split``: ``(N, F)`` float32, on every rank (a collective)."""
+    pixels = real_pixels(datamodule, split)
+    path = reference_cache_path(cache_dir, datamodule, split, extractor)
+    cached = _load_valid(path, len(pixels))
+    # Decide together: a rank that missed the cache while another hit it would reach other collectives.
+    if all_ranks_agree(cached is not None, device):
+        return cached
+    local = extract_features(extractor, pixels[rank::world], batch_size, device)
+    features = torch.empty(len(pixels), local.shape[1])
+    for r, part in enumerate(gather_objects(local)):
+        features[r::world] = part
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"features": features, "key": path.stem, "dataset": datamodule.dataset, "split": split,
+                    "extractor": extractor.name}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return features

@@ -1,0 +1,80 @@
+"""What one evaluation measures: a plain dataclass, the same for callbacks, ``lightning-flows test`` and
+the benchmark (a suite's ``evaluation:`` block is this dataclass's fields)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EvaluationSpec:
+    """Args:
+        n_samples: generated samples for sample quality (FID/KID/precision-recall on images; energy
+            distance, precision-recall and mode coverage on 2D data), drawn in chunks of
+            ``sample_batch_size`` (the same batch for every family, so ms/sample compares like with like).
+        seed: chunk ``i`` of the samples and batch ``i`` of a stochastic likelihood are seeded from it,
+            so the numbers are identical for any number of DDP ranks and across reruns.
+        likelihood: report every likelihood the family has (exact, bound or unbiased estimate).
+        likelihood_split, likelihood_batch_size, max_likelihood_examples: what the NLL is averaged over.
+        quality: report sample quality.
+        reference_split: the real data the samples are compared with. The floor compares another split
+            (train if the reference is val/test, else test) at the same n with the same reference.
+        feature_extractor: ``classifier`` (offline, comparable only with itself) or ``inception``
+            (comparable with published FIDs only at n = 10k/50k against the same split);
+            ``feature_extractor_weights_path``: local weights file.
+        fid_sample_counts: also report FID on the first n samples for each n here (e.g. ``[10000]`` beside
+            50k, the two counts published FIDs use), as ``fid_n<n>``.
+        kid_subsets: subsets KID averages over; ``pr_k``: the k of the k-NN precision/recall.
+        timing: measure ms/sample (after one warm-up call) and NFE/sample.
+        extras: family-specific numbers for the lecture's "key limitation" (VAE posterior gap).
+        cache_dir: reference features and classifiers (default ``$LIGHTNING_FLOWS_CACHE``).
+        progress: show progress bars on rank zero.
+    """
+
+    n_samples: int = 2000
+    sample_batch_size: int = 500
+    seed: int = 0
+    likelihood: bool = True
+    likelihood_split: str = "test"
+    likelihood_batch_size: int = 500
+    max_likelihood_examples: int | None = None
+    quality: bool = True
+    reference_split: str = "test"
+    feature_extractor: str = "classifier"
+    feature_extractor_weights_path: str | None = None
+    fid_sample_counts: list[int] | None = None
+    kid_subsets: int = 100
+    pr_k: int = 3
+    timing: bool = True
+    extras: bool = True
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("likelihood_split", "reference_split"):
+            if getattr(self, name) not in SPLITS:
+                raise ValueError(f"{name} must be one of {', '.join(SPLITS)}, got '{getattr(self, name)}'.")
+        if self.n_samples < 2 or self.sample_batch_size < 1 or self.likelihood_batch_size < 1:
+            raise ValueError(f"n_samples must be >= 2 and the batch sizes >= 1, got n_samples={self.n_samples}, "
+                             f"sample_batch_size={self.sample_batch_size}, "
+                             f"likelihood_batch_size={self.likelihood_batch_size}.")
+        if self.pr_k < 1 or self.kid_subsets < 1:
+            raise ValueError(f"pr_k and kid_subsets must be >= 1, got {self.pr_k} and {self.kid_subsets}.")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "EvaluationSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values or {}) - known)
+        if unknown:
+            raise ValueError(f"Unknown evaluation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        return cls(**(values or {}))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def floor_split_for(reference_split: str) -> str:
+    """The split compared with the reference for the real-vs-real floor."""
+    return "test" if reference_split == "train" else "train"

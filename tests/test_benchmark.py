@@ -1,0 +1,139 @@
+"""The benchmark: suite files checked, the table writer, skip/resume after a kill, reproducibility of a
+tiny suite, and the GPU suites' dry run on a CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_flows.benchmark import runner
+from lightning_flows.benchmark.suite import SuiteError, load_suite
+from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny",
+    "seeds": [0],
+    "models": ["realnvp", "flow_matching"],
+    "datasets": {"8gaussians": {"configs": "experiments/toy2d", "steps": 6, "batch_size": 64}},
+    "evaluation": {"n_samples": 60, "sample_batch_size": 30, "max_likelihood_examples": 60, "progress": False,
+                   "kid_subsets": 5},
+    "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                "enable_model_summary": False},
+    "overrides": [{"model": "flow_matching", "reason": "a cheap sampler keeps the test fast",
+                   "args": {"model.init_args.sampler": {"method": "euler", "steps": 4},
+                            "model.init_args.likelihood_solver": {"method": "rk4", "steps": 4}}}],
+}
+
+
+def write_suite(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "blue"}, "unknown key"),
+    ({"evaluation": {"n_sample": 5}}, "Unknown evaluation setting"),
+    ({"models": ["no_such_model"]}, "no config"),
+    ({"overrides": [{"model": "realnvp", "args": {}}]}, "needs a 'reason'"),
+    ({"datasets": {"8gaussians": {"configs": "experiments/toy2d", "steps": 5}}}, "needs 'batch_size'"),
+])
+def test_a_suite_file_with_a_mistake_is_a_clear_error(tmp_path, change, message):
+    with pytest.raises(SuiteError, match=message):
+        load_suite(write_suite(tmp_path, **change), ROOT)
+
+
+def test_every_committed_suite_loads_and_states_one_budget_per_dataset():
+    for path in sorted((ROOT / "experiments" / "suites").glob("*.yaml")):
+        suite = load_suite(path, ROOT)
+        assert suite.runs, path
+        for dataset in suite.datasets:
+            budgets = {(r.steps, r.batch_size) for r in suite.runs if r.dataset == dataset}
+            assert len(budgets) == 1, f"{path}: {dataset} mixes budgets {budgets}"
+
+
+def test_quick_suite_has_all_seven_models_on_digits_and_8gaussians():
+    suite = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT)
+    for dataset in ("digits", "8gaussians"):
+        assert {r.model for r in suite.runs if r.dataset == dataset} == {
+            "vae", "gan", "realnvp", "glow", "cnf", "diffusion", "flow_matching"}
+
+
+def _row(model, family, dataset, seed, **numbers):
+    return {"model": model, "family": family, "dataset": dataset, "seed": seed, "objective": "obj",
+            "optimizer_steps": 10, "batch_size": 4, "weights": "ema", **numbers}
+
+
+def test_table_writer_aggregates_seeds_and_keeps_likelihood_kinds_apart():
+    rows = [_row("vae", "VAE", "digits", 0, bpd_bound=2.0, fid=10.0, fid_floor=1.0),
+            _row("vae", "VAE", "digits", 1, bpd_bound=3.0, fid=14.0, fid_floor=1.0),
+            _row("glow", "Glow", "digits", 0, bpd_exact=1.5, fid=20.0, fid_floor=1.0),
+            _row("glow", "Glow", "digits", 1, bpd_exact=1.5, fid=22.0, fid_floor=1.0)]
+    entries = aggregate(rows)
+    vae = next(e for e in entries if e["model"] == "vae")
+    assert vae["bpd_bound"] == (2.5, 0.5) and vae["fid"] == (12.0, 2.0) and vae["seeds"] == [0, 1]
+    table = dataset_table(entries, image=True)
+    header, _, vae_line, glow_line = table.strip().splitlines()
+    assert "bits/dim (exact)" in header and "bits/dim (bound)" in header
+    cells = dict(zip([h.strip() for h in header.split("|")], [c.strip() for c in vae_line.split("|")]))
+    assert cells["bits/dim (bound)"] == "2.500 ± 0.500" and cells["bits/dim (exact)"] == "-"
+    assert cells["FID floor"] == "1.00"  # a property of the data: no spread
+    lecture = lecture_table(entries, {"digits"})
+    assert "| VAE (vae) | lecture | ELBO (variational)" in lecture
+    assert lecture.count("| | measured |") == 2
+    assert "2.50 ± 0.50 bits/dim (bound)" in lecture and "1.50 ± 0.00 bits/dim (exact)" in lecture
+
+
+def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, monkeypatch):
+    suite = write_suite(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+    real_run_one = runner.run_one
+
+    def crash_on_second(plan, *args, **kwargs):
+        calls.append(plan.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-suite")
+        return real_run_one(plan, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_one", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_suite(suite, out, root=ROOT)
+    finished = sorted(p.name for p in (out / "results").glob("*.json"))
+    assert finished == ["8gaussians__realnvp__seed0.json"]  # the first result was written when it finished
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
+    table = runner.run_suite(suite, out, root=ROOT)
+    assert calls == ["flow_matching/8gaussians/seed0"]  # only the run lost in the kill is retrained
+    text = table.read_text()
+    assert "## 8gaussians" in text and "| realnvp |" in text and "| flow_matching |" in text
+    assert "a cheap sampler keeps the test fast" in text  # the override's reason is printed
+    results = json.loads((out / "results.json").read_text())
+    assert {r["model"] for r in results["runs"]} == {"realnvp", "flow_matching"}
+    assert results["environment"]["packages"]["torch"] and results["environment"]["git_commit"]
+    for name in ("quality_vs_cost.png", "montage.png"):
+        assert (out / name).stat().st_size > 1000
+
+    calls.clear()
+    runner.run_suite(suite, out, root=ROOT)
+    assert calls == []  # nothing left to do
+    again = tmp_path / "again"
+    runner.run_suite(suite, again, root=ROOT, force=True)
+    first = {r["model"]: r for r in results["runs"]}
+    second = {r["model"]: r for r in json.loads((again / "results.json").read_text())["runs"]}
+    for model in first:
+        for key in ("nll_exact", "nll_gap_exact", "energy_distance", "precision", "recall", "modes_hit", "global_step"):
+            assert first[model][key] == second[model][key], (model, key)
+
+
+@pytest.mark.parametrize("suite", ["mnist", "cifar10"])
+def test_gpu_suites_dry_run_on_a_cpu_without_their_data(suite, capsys):
+    rows = runner.dry_run(load_suite(ROOT / "experiments" / "suites" / f"{suite}.yaml", ROOT), Path("unused"), [])
+    assert {r["family"] for r in rows} == {"VAE", "GAN", "RealNVP", "Glow", "CNF", "Diffusion", "FlowMatching"}
+    printed = capsys.readouterr().out
+    assert f"Suite '{suite}'" in printed and "inception vs train" in printed
