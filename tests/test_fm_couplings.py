@@ -170,3 +170,34 @@ def test_background_batches_stop_their_threads_and_surface_errors():
         list(BackgroundBatches(_batches(3), broken, seed=0, threads=1))
     with pytest.raises(ValueError, match="pairing_threads must be >= 0"):
         BackgroundBatches([], broken, threads=-1)
+
+
+def _train(model, dm, steps, lr=3e-3):
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    done = 0
+    while done < steps:
+        for batch in dm.train_dataloader():
+            loss = model.training_loss(batch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            done += 1
+            if done == steps:
+                break
+
+
+def test_ot_coupling_makes_one_euler_step_sample_far_better_than_independent():
+    from lightning_flows.data import GenerativeDataModule
+    from lightning_flows.metrics import energy_distance
+    from lightning_flows.ode import SolverConfig
+
+    dm = GenerativeDataModule("8gaussians", batch_size=256)
+    test, one_step = dm.split("test")[:2000], SolverConfig("euler", steps=1)
+    distances = {}
+    for coupling in ("independent", "ot"):
+        torch.manual_seed(0)
+        model = FlowMatching(data_shape=(2,), hidden=64, depth=2, coupling=coupling)
+        _train(model, dm, steps=300)
+        distances[coupling] = energy_distance(model.sample(2000, one_step), test).item()
+    # Independent pairs learn the averaged (curved) field: one step lands near the data mean.
+    assert distances["ot"] < 0.2 * distances["independent"], distances  # measured: 0.064 vs 0.84

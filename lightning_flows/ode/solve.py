@@ -42,7 +42,7 @@ class SolverConfig:
         time_grid: where fixed steps fall: ``uniform``, or ``power``: ``t_i = t0 + (t1 - t0) (1 - (1 - i/N)^rho)``,
             steps shrinking towards ``t1``, the end of the solve (the data end of a sampler; EDM's rho spacing
             of the remaining noise level ``1 - t``).
-        rho: the ``power`` grid's exponent (1 = uniform; larger = denser near ``t1``).
+        rho: the ``power`` grid's exponent (1 = uniform; > 1 denser near ``t1``; < 1 denser near ``t0``).
         rtol, atol: tolerances of adaptive methods.
         max_nfe: hard cap on function evaluations of one solve (including an adjoint backward pass);
             exceeding it raises :class:`ODEStepLimitExceeded`.
