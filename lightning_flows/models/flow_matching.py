@@ -50,7 +50,7 @@ class FlowMatching(GenerativeModel):
             Trainer with :class:`~lightning_flows.data.GenerativeDataModule`. One thread pairs a 512 batch in
             blocks of 64 in ~2 ms of CPU; use more when a training step is faster than that (small models on a
             GPU). The pairing is hidden only where a CPU core is idle: on a saturated CPU it adds its CPU time
-            (then a smaller ``ot_block_size``, e.g. 32, costs ~4x less).
+            (then a smaller ``ot_block_size``, e.g. 32, halves that cost).
         teacher_ckpt: ``reflow``'s teacher, a flow-matching checkpoint (EMA weights when the run kept them).
         reflow_pairs: how many teacher pairs to generate when fit/validate/test starts (split across DDP ranks).
         reflow_solver: the teacher's ODE solver for the pairs (default: the teacher's own sampler).
