@@ -140,8 +140,11 @@ class GenerativeDataModule(L.LightningDataModule):
         if len(self.splits.train) < self.batch_size:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {len(self.splits.train)} training "
                              f"examples of '{self.dataset}'; lower --data.batch_size.")
-        return InMemoryBatches(self.splits.train, self.batch_size, self._train_transform,
-                               shuffle=True, drop_last=True, seed=self.seed)
+        loader = InMemoryBatches(self.splits.train, self.batch_size, self._train_transform,
+                                 shuffle=True, drop_last=True, seed=self.seed)
+        # A model may add a stage after the loader (flow matching pairs noise with data there, ahead of the step).
+        stage = getattr(self.trainer.lightning_module if self.trainer else None, "train_batch_stage", None)
+        return loader if stage is None else stage(loader, self.seed)
 
     def _eval_loader(self, split: str) -> InMemoryBatches:
         self.setup()

@@ -1,8 +1,10 @@
-"""Flow matching exactly as the lecture defines it.
+"""Flow matching: the lecture's definition by default, with the field's couplings, paths and samplers as options.
 
-Training: ``x0 ~ N(0, I)`` drawn independently of ``x1 ~ data``, ``t ~ U[0, 1]``,
+Training (the lecture): ``x0 ~ N(0, I)`` drawn independently of ``x1 ~ data``, ``t ~ U[0, 1]``,
 ``x_t = (1 - t) x0 + t x1``, and the network ``f_theta(x_t, t)`` regresses the path velocity
 ``x1 - x0`` (the minimiser is ``E[x1 - x0 | x_t = x]``, the marginal field).
+Options (:mod:`lightning_flows.flow_matching`): minibatch-OT or reflow couplings, a Gaussian path of
+width ``sigma`` around the straight line, logit-normal times.
 Sampling: solve ``dx/dt = f_theta(x, t)`` from ``t = 0`` (noise) to ``t = 1`` (data).
 Likelihood: the learned field is a CNF, so ``log_prob`` is exact through the shared
 :func:`lightning_flows.ode.ode_log_likelihood` (data integrated back to noise with the trace term).
@@ -10,27 +12,24 @@ Likelihood: the learned field is a CNF, so ``log_prob`` is exact through the sha
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_flows.flow_matching import (
+    COUPLINGS, BackgroundBatches, FlowMatchingBatch, IndependentCoupling, MinibatchOTCoupling, PairedCoupling,
+    TimeSampler, TrainingBatchDraw, generate_reflow_pairs, linear_path, load_teacher,
+)
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn import make_time_backbone
 from lightning_flows.ode import SolverConfig, as_solver_config, integrate, ode_log_likelihood
 
-
-def linear_path(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """The lecture's straight path: ``x_t = (1 - t) x0 + t x1`` and its velocity ``x1 - x0``.
-
-    ``x0, x1: (B, *shape)``, ``t: (B,)``.
-    """
-    t_ = t.reshape(-1, *([1] * (x0.ndim - 1)))
-    return (1 - t_) * x0 + t_ * x1, x1 - x0
+__all__ = ["FlowMatching", "linear_path"]
 
 
 class FlowMatching(GenerativeModel):
-    """Conditional flow matching with independent coupling and the linear path.
+    """Conditional flow matching on the linear path, with a choice of coupling.
 
     Args:
         backbone: ``auto`` (UNet for images, MLP for vectors), ``mlp`` or ``unet``.
@@ -40,6 +39,22 @@ class FlowMatching(GenerativeModel):
         likelihood_solver: ODE solver of the exact ``log_prob`` (default dopri5, rtol = atol = 1e-5).
         likelihood_divergence: ``exact`` trace (D backward passes per evaluation) or ``hutchinson`` (one;
             an unbiased estimate of the same log-likelihood, the affordable choice for images on a CPU).
+        coupling: how noise is paired with data: ``independent`` (the lecture), ``ot`` (minibatch exact optimal
+            transport) or ``reflow`` (pairs ``(x0, ODE(x0))`` of the teacher ``teacher_ckpt``).
+        sigma: width of the Gaussian path around the straight line (0: the lecture's path).
+        time_sampling: ``uniform`` (the lecture) or ``logit_normal`` with ``time_mean`` / ``time_std``.
+        ot_block_size: ``ot`` pairs exactly within consecutive blocks of this many examples (null: the whole
+            batch at once; ``O(B^3)``, tens of milliseconds at B = 512 on a CPU).
+        pairing_threads: background threads preparing (pairing) the next training batches while the current
+            one trains; 0 pairs inside the training step. Used by ``ot`` and ``reflow`` when trained by a
+            Trainer with :class:`~lightning_flows.data.GenerativeDataModule`. One thread pairs a 512 batch in
+            blocks of 64 in ~2 ms of CPU; use more when a training step is faster than that (small models on a
+            GPU). The pairing is hidden only where a CPU core is idle: on a saturated CPU it adds its CPU time
+            (then a smaller ``ot_block_size``, e.g. 32, halves that cost).
+        teacher_ckpt: ``reflow``'s teacher, a flow-matching checkpoint (EMA weights when the run kept them).
+        reflow_pairs: how many teacher pairs to generate when fit/validate/test starts (split across DDP ranks).
+        reflow_solver: the teacher's ODE solver for the pairs (default: the teacher's own sampler).
+        reflow_seed: seed of the pairs' noise; a seed fixes the pairs.
     """
 
     likelihood = "exact"
@@ -49,9 +64,27 @@ class FlowMatching(GenerativeModel):
                  depth: int = 3, activation: str = "silu", base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), sampler: SolverConfig | dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.0,
-                 likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact"):
+                 likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact",
+                 coupling: str = "independent", sigma: float = 0.0, time_sampling: str = "uniform",
+                 time_mean: float = 0.0, time_std: float = 1.0, ot_block_size: int | None = 64,
+                 pairing_threads: int = 1, teacher_ckpt: str | None = None, reflow_pairs: int = 20_000,
+                 reflow_solver: SolverConfig | dict | None = None, reflow_seed: int = 0):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
+        if coupling not in COUPLINGS:
+            raise ValueError(f"Unknown coupling '{coupling}'. Choose one of: {', '.join(COUPLINGS)}.")
+        if coupling == "reflow" and not teacher_ckpt:
+            raise ValueError("coupling 'reflow' needs teacher_ckpt: the checkpoint of a trained flow-matching model "
+                             "whose ODE generates the training pairs.")
+        if pairing_threads < 0:
+            raise ValueError(f"pairing_threads must be >= 0 (0 = pair inside the training step), got "
+                             f"{pairing_threads}.")
+        self.coupling_name, self.sigma, self.pairing_threads = coupling, sigma, pairing_threads
+        self.reflow_solver = None if reflow_solver is None else as_solver_config(reflow_solver)
+        self.time_sampler = TimeSampler(time_sampling, time_mean, time_std)
+        coupling_fn = MinibatchOTCoupling(ot_block_size) if coupling == "ot" else IndependentCoupling()
+        # reflow's coupling needs the teacher's pairs; they are generated in ``setup`` (see ``_prepare_reflow``).
+        self.draw_batch = TrainingBatchDraw(coupling_fn, self.time_sampler, sigma)
         self.sampler = as_solver_config(sampler)
         self.likelihood_solver = as_solver_config(
             likelihood_solver or {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5})
@@ -67,12 +100,64 @@ class FlowMatching(GenerativeModel):
         """The learned field ``f_theta(x, t)``: ``(B, *data_shape)`` -> same shape."""
         return self.velocity(x, t)
 
-    def training_loss(self, x1: Tensor) -> Tensor:
-        x0 = torch.randn_like(x1)
-        t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype)
-        xt, target = linear_path(x0, x1, t)
-        return (self.velocity(xt, t) - target).pow(2).mean()
+    # ---- training ----
+    def regression_loss(self, batch: FlowMatchingBatch) -> Tensor:
+        """``E |f_theta(x_t, t) - (x1 - x0)|^2`` on a prepared batch (all its randomness already drawn)."""
+        xt, target = linear_path(batch.x0, batch.x1, batch.t, self.sigma, batch.path_noise)
+        return (self.velocity(xt, batch.t) - target).pow(2).mean()
 
+    def training_loss(self, x1: Tensor) -> Tensor:
+        """The objective on a data batch ``x1: (B, *data_shape)``, drawing (and pairing) from the global RNG."""
+        self._require_reflow_pairs()
+        return self.regression_loss(self.draw_batch(x1))
+
+    def training_step(self, batch: Tensor | FlowMatchingBatch, batch_idx: int) -> Tensor:
+        if not isinstance(batch, FlowMatchingBatch):  # a plain data batch: draw inside the step
+            return super().training_step(batch, batch_idx)
+        self._check_input(batch.x1)
+        loss = self.regression_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.x1.shape[0])
+        return loss
+
+    def train_batch_stage(self, loader: Iterable, seed: int) -> Iterable:
+        """Hook of :meth:`GenerativeDataModule.train_dataloader`: the stage after the data loader.
+
+        ``ot`` and ``reflow`` draw and pair each batch in :class:`BackgroundBatches`, ahead of the step, with
+        per-batch generators from ``(seed, epoch, rank, batch)``; ``independent`` keeps the plain loader
+        (its draw costs nothing, and it keeps the lecture's behaviour of drawing inside the step).
+        """
+        if self.coupling_name == "independent":
+            return loader
+        self._require_reflow_pairs()
+        return BackgroundBatches(loader, self.draw_batch, seed, threads=self.pairing_threads)
+
+    def setup(self, stage: str) -> None:
+        # Validation and test losses of a reflow model are its objective on the teacher's pairs, too.
+        if stage in ("fit", "validate", "test") and self.coupling_name == "reflow":
+            self._prepare_reflow()
+
+    def _prepare_reflow(self) -> None:
+        """Generate this rank's teacher pairs (deterministic for ``reflow_seed`` and the number of ranks)."""
+        if isinstance(self.draw_batch.coupling, PairedCoupling):
+            return
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # setup runs before the strategy moves this model to its device; generate where training will run.
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        teacher = load_teacher(self.hparams.teacher_ckpt, self.data_shape, device=device)
+        solver = self.reflow_solver or teacher.sampler
+        x0, x1 = generate_reflow_pairs(teacher.velocity, self.data_shape, self.hparams.reflow_pairs, solver,
+                                       seed=self.hparams.reflow_seed, rank=rank, world_size=world, device=device)
+        self.draw_batch.coupling = PairedCoupling(x0, x1)
+
+    def _require_reflow_pairs(self) -> None:
+        if self.coupling_name == "reflow" and not isinstance(self.draw_batch.coupling, PairedCoupling):
+            raise RuntimeError("coupling 'reflow' trains on the teacher's pairs, generated by "
+                               "FlowMatching.setup('fit') (a Trainer calls it); call it first when training "
+                               "without a Trainer.")
+
+    # ---- sampling and likelihood ----
     @torch.no_grad()
     def sample(self, n: int, solver: SolverConfig | None = None) -> Tensor:
         x0 = torch.randn(n, *self.data_shape, device=self.device)

@@ -6,12 +6,12 @@ from lightning_flows.ode.divergence import (
 )
 from lightning_flows.ode.likelihood import ODELikelihood, ode_log_likelihood, standard_normal_log_prob
 from lightning_flows.ode.solve import (
-    ADAPTIVE_METHODS, FIXED_STEP_METHODS, CountedField, ODESolution, ODEStepLimitExceeded, SolverConfig,
-    as_solver_config, integrate,
+    ADAPTIVE_METHODS, FIXED_STEP_METHODS, TIME_GRIDS, CountedField, ODESolution, ODEStepLimitExceeded, SolverConfig,
+    as_solver_config, heun_edm, integrate, time_grid,
 )
 
-__all__ = ["ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "CountedField", "ODESolution", "ODEStepLimitExceeded",
-           "SolverConfig", "as_solver_config", "integrate",
+__all__ = ["ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "TIME_GRIDS", "CountedField", "ODESolution",
+           "ODEStepLimitExceeded", "SolverConfig", "as_solver_config", "heun_edm", "integrate", "time_grid",
            "AugmentedDynamics", "DIVERGENCE_KINDS", "PROBE_KINDS", "brute_force_divergence", "exact_divergence",
            "hutchinson_divergence", "sample_probe", "ODELikelihood", "ode_log_likelihood",
            "standard_normal_log_prob"]

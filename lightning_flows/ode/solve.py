@@ -19,8 +19,11 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "heun", "explicit_adams", "implicit_adams")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+# Fixed-step methods written here rather than taken from torchdiffeq.
+OWN_METHODS = ("heun",)
+TIME_GRIDS = ("uniform", "power")
 
 
 class ODEStepLimitExceeded(RuntimeError):
@@ -32,8 +35,14 @@ class SolverConfig:
     """How to integrate an ODE.
 
     Args:
-        method: any torchdiffeq method; fixed-step ones use ``steps``, adaptive ones ``rtol``/``atol``.
+        method: a torchdiffeq method, or ``heun``: Heun's 2nd-order method as EDM samples with it (a trapezoidal
+            correction on every step but the last, which is Euler: ``2 * steps - 1`` evaluations).
+            Fixed-step methods use ``steps``, adaptive ones ``rtol``/``atol``.
         steps: number of fixed steps over the whole interval.
+        time_grid: where fixed steps fall: ``uniform``, or ``power``: ``t_i = t0 + (t1 - t0) (1 - (1 - i/N)^rho)``,
+            steps shrinking towards ``t1``, the end of the solve (the data end of a sampler; EDM's rho spacing
+            of the remaining noise level ``1 - t``).
+        rho: the ``power`` grid's exponent (1 = uniform; > 1 denser near ``t1``; < 1 denser near ``t0``).
         rtol, atol: tolerances of adaptive methods.
         max_nfe: hard cap on function evaluations of one solve (including an adjoint backward pass);
             exceeding it raises :class:`ODEStepLimitExceeded`.
@@ -50,6 +59,10 @@ class SolverConfig:
     max_nfe: int = 10_000
     adjoint: bool = False
     adjoint_seminorm: bool = True
+    # Added after checkpoints stored this class: new fields need defaults (an old pickle lacks them and falls
+    # back to these class attributes).
+    time_grid: str = "uniform"
+    rho: float = 2.0
 
     def __post_init__(self):
         if self.method not in FIXED_STEP_METHODS + ADAPTIVE_METHODS:
@@ -57,6 +70,17 @@ class SolverConfig:
                              f"{', '.join(FIXED_STEP_METHODS + ADAPTIVE_METHODS)}.")
         if self.steps < 1 or self.max_nfe < 1:
             raise ValueError("steps and max_nfe must be >= 1")
+        if self.time_grid not in TIME_GRIDS:
+            raise ValueError(f"Unknown time_grid '{self.time_grid}'. Choose one of: {', '.join(TIME_GRIDS)}.")
+        if self.rho <= 0:
+            raise ValueError(f"rho (the power time grid's exponent) must be > 0, got {self.rho}.")
+        if self.adaptive and self.time_grid != "uniform":
+            raise ValueError(f"time_grid '{self.time_grid}' places fixed steps; the adaptive method '{self.method}' "
+                             f"chooses its own. Use a fixed-step method (euler, midpoint, heun, rk4) or time_grid: "
+                             f"uniform.")
+        if self.method in OWN_METHODS and self.adjoint:
+            raise ValueError(f"method '{self.method}' has no adjoint; backpropagate through it (adjoint: false) or "
+                             f"use a torchdiffeq method such as rk4 or dopri5 with the adjoint.")
 
     @property
     def adaptive(self) -> bool:
@@ -105,6 +129,42 @@ class CountedField(nn.Module):
         return self.field(y, t)
 
 
+def time_grid(config: SolverConfig, t0: Tensor | float, t1: Tensor | float) -> Tensor:
+    """The ``config.steps + 1`` times of a fixed-step solve from ``t0`` to ``t1`` (either direction)."""
+    t0, t1 = torch.as_tensor(t0), torch.as_tensor(t1)
+    u = torch.linspace(0, 1, config.steps + 1, dtype=t0.dtype, device=t0.device)
+    if config.time_grid == "power":
+        u = 1 - (1 - u) ** config.rho
+    return t0 + (t1 - t0) * u
+
+
+def _axpy(y, h: Tensor, dy):
+    """``y + h * dy`` for a tensor or a tuple of tensors (augmented states)."""
+    if isinstance(y, tuple):
+        return tuple(a + h * b for a, b in zip(y, dy))
+    return y + h * dy
+
+
+def heun_edm(func: Callable, y0, grid: Tensor):
+    """Heun's method on ``grid`` as EDM (Karras et al. 2022, Alg. 1) samples: Euler predictor, trapezoidal
+    corrector, except on the last step, which stays Euler (at a diffusion's data end the field is least
+    reliable and the correction would cost an evaluation for little). ``func(t, y)``; ``2 N - 1`` evaluations.
+    """
+    y = y0
+    last = len(grid) - 2
+    for i in range(len(grid) - 1):
+        t, t_next = grid[i], grid[i + 1]
+        h = t_next - t
+        slope = func(t, y)
+        euler = _axpy(y, h, slope)
+        if i == last:
+            y = euler
+        else:
+            slope_next = func(t_next, euler)
+            y = _axpy(_axpy(y, h / 2, slope), h / 2, slope_next)
+    return y
+
+
 @dataclass
 class ODESolution:
     """``states``: the state at each requested time, ``(len(times), *y.shape)`` (or the final state).
@@ -138,11 +198,21 @@ def integrate(field: Callable, y0: Tensor | tuple[Tensor, ...], config: SolverCo
     grid = times if times is not None else torch.tensor([t0, t1])
     grid = grid.to(device=ref.device, dtype=ref.dtype)
     counted = CountedField(field, config.max_nfe)
+    if config.method in OWN_METHODS:
+        if times is not None:
+            raise ValueError(f"method '{config.method}' returns the final state only; pass times=None or use a "
+                             f"torchdiffeq method (euler, midpoint, rk4) for states at several times.")
+        states = heun_edm(counted, y0, time_grid(config, grid[0], grid[-1]))
+        counted.start_backward()
+        return ODESolution(states=states, nfe=counted.nfe, counter=counted)
     kwargs: dict = {"method": config.method}
     if config.adaptive:
         kwargs.update(rtol=config.rtol, atol=config.atol)
-    else:
+    elif config.time_grid == "uniform":
         kwargs["options"] = {"step_size": abs(float(grid[-1] - grid[0])) / config.steps}
+    else:
+        # torchdiffeq integrates increasing times (it negates decreasing ones), so the grid's dense end stays t1.
+        kwargs["options"] = {"grid_constructor": lambda func, y, t: time_grid(config, t[0], t[-1])}
     if config.adjoint:
         if adjoint_params is None:
             if not isinstance(field, nn.Module):
