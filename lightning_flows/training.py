@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_flows.callbacks import NonFiniteGuard, SampleGridCallback
+from lightning_flows.callbacks import NonFiniteGuard, PerStepSeed, SampleGridCallback, SyncBuffersAtFitEnd
+from lightning_flows.callbacks.checkpointing import RunCheckpoint
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.models import GenerativeModel
+from lightning_flows.run_checks import check_devices_exist, check_output_dirs_writable
 
 
 class FlowsCLI(LightningCLI):
-    """LightningCLI with the DataModule's example shape linked into every model, sample grids and a
-    non-finite guard on every run."""
+    """LightningCLI with the DataModule's example shape linked into every model and, on every run:
+    sample grids, a non-finite guard, per-rank per-step seeding, replicas that end identical, and
+    checkpoints that survive any stop."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
@@ -23,6 +26,28 @@ class FlowsCLI(LightningCLI):
         # On for every run: a NaN/inf loss or gradient is skipped instead of corrupting the weights,
         # and a run that keeps producing them stops with a message (`--non_finite_guard.max_consecutive`).
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite_guard")
+        # last.ckpt and a final sample grid on every stop, atomic writes, `--ckpt_path last` across versions
+        # (`--checkpoint.every_n_train_steps`, `--checkpoint.train_time_interval`, ...: any ModelCheckpoint option).
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        # Fail before any work: a run must not train for hours and then find it cannot write its results.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_devices_exist(config.trainer.accelerator, config.trainer.devices)
+        check_output_dirs_writable(config)
+
+    def instantiate_trainer(self, **kwargs):
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
+        # Always on, whatever the config lists, and first, so that every other callback already sees the
+        # step's seeded random state: DDP ranks draw different noise and a resumed run draws exactly the
+        # noise of an uninterrupted one; replicas end fit with identical buffers.
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        config["callbacks"] = [PerStepSeed(), SyncBuffersAtFitEnd(), *listed]
+        return self._instantiate_trainer(config, callbacks)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FlowsCLI:
