@@ -47,3 +47,19 @@ class DumpWeights(L.Callback):
         torch.save({"state_dict": pl_module.state_dict(), "global_step": trainer.global_step,
                     "world_size": trainer.world_size, "node_rank": trainer.node_rank},
                    Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+class SlowDownFromStep(L.Callback):
+    """From global step ``step`` on, write ``marker`` and sleep ``seconds`` after every batch.
+
+    Slow enough for a test to send a signal while training runs, without pausing it forever.
+    """
+
+    def __init__(self, step: int, marker: str, seconds: float = 0.2):
+        self.step, self.marker, self.seconds = step, marker, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            if trainer.global_step == self.step and trainer.is_global_zero:
+                Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(self.seconds)

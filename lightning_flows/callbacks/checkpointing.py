@@ -11,9 +11,9 @@ file and the fix, plus a check that the file belongs to the family being trained
 :class:`RunCheckpoint` is the ``ModelCheckpoint`` of every ``lightning-flows fit``:
 
 * it saves ``last.ckpt`` whenever training stops: ``max_steps``, ``max_epochs``, ``max_time``, early
-  stopping, the non-finite guard (all end through ``on_train_end``), and SIGTERM / SLURM preemption
-  (Lightning stops at a batch boundary and raises ``SIGTERMException``); a first Ctrl-C is turned into
-  the same graceful stop (a second one aborts at once, saving nothing), so no stop lands mid-step;
+  stopping, the non-finite guard (all end through ``on_train_end``), and SIGTERM (SLURM preemption) or a
+  first Ctrl-C, which request a stop that every DDP rank honours after the same batch (a second Ctrl-C
+  aborts at once, saving nothing), so no stop lands mid-step;
 * after saving it draws the final sample grid (:class:`SampleGridCallback`) from the checkpoint's
   evaluation weights (EMA when kept), i.e. exactly what ``lightning-flows sample`` would draw;
 * during training it saves every ``train_time_interval`` (10 minutes unless another trigger is given);
@@ -72,6 +72,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+    # Temporary files of writers killed mid-save (SIGKILL, power loss) are garbage now.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if not stale.name.startswith(f".{path.name}.{os.getpid()}."):
+            stale.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -115,7 +119,9 @@ class RunCheckpoint(ModelCheckpoint):
                          train_time_interval=train_time_interval, every_n_epochs=every_n_epochs, **kwargs)
         # setup() fills in dirpath from the logger; remember whether the user chose it.
         self._dirpath_given = self.dirpath is not None
-        self._previous_sigint = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._stop_requested_by: str | None = None
+        self._stopped_by_signal = False
 
     # ---- atomic, checked checkpoint files for the whole trainer ----
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -128,24 +134,43 @@ class RunCheckpoint(ModelCheckpoint):
 
     # ---- last.ckpt on every stop ----
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._graceful_ctrl_c(trainer)
+        self._stop_requested_by = None
+        self._install_stop_handlers(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Every rank takes the same decision at the same batch (any rank signalled -> all stop), so
+        # training ends through on_train_end everywhere and the final save is an ordinary collective one.
+        requested = self._stop_requested_by is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested and not trainer.should_stop:
+            self._stopped_by_signal = True
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_ctrl_c()
+        self._restore_signal_handlers()
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
         # Every rank is here (training ended normally), so the collective save is safe.
         path = self._last_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         self.last_model_path = path
+        if self._stopped_by_signal:
+            rank_zero_info(f"Stopped by a signal at global step {trainer.global_step}; saved {path}. "
+                           f"Resume with --ckpt_path last (or {path}).")
         self._final_samples(trainer, pl_module, path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_ctrl_c()
+        self._restore_signal_handlers()
+        # SIGTERMException: a SIGTERM before our handlers were installed (setup, sanity check), which
+        # Lightning turns into a stop at a batch boundary. Any other exception may have struck
+        # mid-step: keep the last good checkpoint rather than overwrite it.
         if not isinstance(exception, SIGTERMException) or trainer.fast_dev_run:
-            return  # a crash may have struck mid-step: keep the last good checkpoint rather than overwrite it
-        # Ranks may not reach this point together (each stops on its own copy of the signal), so no
-        # collective: rank 0 holds the same weights as every rank and writes the file alone.
+            return
+        # Ranks may not reach this point together, so no collective: rank 0 holds the same weights
+        # as every rank and writes the file alone.
         path = self._last_path(trainer)
         if trainer.is_global_zero:
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
@@ -154,6 +179,9 @@ class RunCheckpoint(ModelCheckpoint):
                            f"Resume with --ckpt_path last (or {path}).")
         self.last_model_path = path
         self._final_samples(trainer, pl_module, path)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_signal_handlers()
 
     def _last_path(self, trainer: L.Trainer) -> str:
         dirpath = self.dirpath or self._checkpoint_dirs(trainer)[0]
@@ -165,34 +193,40 @@ class RunCheckpoint(ModelCheckpoint):
             if isinstance(callback, SampleGridCallback):
                 callback.draw_final(trainer, pl_module, path)
 
-    # ---- a first Ctrl-C stops at the next batch boundary, like SIGTERM ----
-    def _graceful_ctrl_c(self, trainer: L.Trainer) -> None:
+    # ---- SIGTERM / Ctrl-C: stop every rank at the same batch boundary ----
+    def _install_stop_handlers(self, trainer: L.Trainer) -> None:
+        """While training, SIGTERM and a first Ctrl-C only *request* a stop, honoured after the batch.
+
+        They replace Lightning's own SIGTERM handler for the duration of training: that one raises on
+        each rank as soon as *its* copy of the signal arrives, so under DDP the ranks can leave at
+        different batches, with collectives left unmatched (one rank then hangs or reads garbage).
+        """
         if os.name != "posix":
             return
-        try:
-            previous = signal.getsignal(signal.SIGINT)
-        except ValueError:  # not the main thread
-            return
 
-        def stop_after_this_batch(signum, frame):
-            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C aborts immediately
-            rank_zero_info("\nCtrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again to abort now).")
-            # Lightning's SIGTERM handler (installed for the fit) stops every rank at a batch boundary.
-            os.kill(os.getpid(), signal.SIGTERM)
+        def request_stop(signum, frame):
+            # No need to forward the signal to other ranks: the request is all-reduced after each batch.
+            self._stop_requested_by = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                # A second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved).
+                signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+                rank_zero_info("\nCtrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again to abort).")
 
-        try:
-            signal.signal(signal.SIGINT, stop_after_this_batch)
-        except ValueError:
-            return
-        self._previous_sigint = previous
-
-    def _restore_ctrl_c(self) -> None:
-        if self._previous_sigint is not None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(signal.SIGINT, self._previous_sigint)
+                previous = signal.getsignal(signum)
+                signal.signal(signum, request_stop)
+            except ValueError:  # not the main thread: leave signals to Lightning
+                continue
+            self._previous_handlers[signum] = previous
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            try:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
             except ValueError:
                 pass
-            self._previous_sigint = None
+        self._previous_handlers = {}
 
     # ---- `--ckpt_path last` across the versions of one experiment ----
     def _checkpoint_dirs(self, trainer: L.Trainer) -> list[str]:
