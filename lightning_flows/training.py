@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_flows.callbacks import NonFiniteGuard, PerStepSeed, SampleGridCallback, SyncBuffersAtFitEnd
+from lightning_flows.callbacks import DistributedReplicas, NonFiniteGuard, PerStepSeed, SampleGridCallback
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.models import GenerativeModel
@@ -43,10 +43,11 @@ class FlowsCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
         # Always on, whatever the config lists, and first, so that every other callback already sees the
         # step's seeded random state: DDP ranks draw different noise and a resumed run draws exactly the
-        # noise of an uninterrupted one; replicas end fit with identical buffers.
+        # noise of an uninterrupted one; replicas end fit with identical buffers, and a rank that crashes
+        # takes the ranks it launched down with it.
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
-        config["callbacks"] = [PerStepSeed(), SyncBuffersAtFitEnd(), *listed]
+        config["callbacks"] = [PerStepSeed(), DistributedReplicas(), *listed]
         return self._instantiate_trainer(config, callbacks)
 
 

@@ -26,13 +26,18 @@ class PauseAtStep(L.Callback):
 
 
 class RaiseAtStep(L.Callback):
-    """Raise on global rank ``rank`` when training reaches ``step`` (the other ranks carry on into DDP)."""
+    """Raise on global rank ``rank`` when training reaches ``step`` (the other ranks carry on into DDP).
 
-    def __init__(self, step: int, rank: int = 1):
-        self.step, self.rank = step, rank
+    With ``marker``, first write the wall-clock time of the failure there.
+    """
+
+    def __init__(self, step: int, rank: int = 1, marker: str | None = None):
+        self.step, self.rank, self.marker = step, rank, marker
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            if self.marker:
+                Path(self.marker).write_text(repr(time.time()))
             raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
 
 
@@ -40,11 +45,14 @@ class DumpWeights(L.Callback):
     """At the end of training every rank writes ``out/rank<global rank>.pt``: its weights and where it stopped."""
 
     def __init__(self, out: str):
-        self.out = out
+        self.out, self.init = out, None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.init = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_end(self, trainer, pl_module):
         Path(self.out).mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": pl_module.state_dict(), "global_step": trainer.global_step,
+        torch.save({"state_dict": pl_module.state_dict(), "init": self.init, "global_step": trainer.global_step,
                     "world_size": trainer.world_size, "node_rank": trainer.node_rank},
                    Path(self.out) / f"rank{trainer.global_rank}.pt")
 
