@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class RunSetupError(ValueError):
@@ -91,3 +92,36 @@ def check_output_dirs_writable(config) -> None:
     """Every directory the run will write to (root, logger, checkpoints) exists or can be made, and is writable."""
     for directory, option in _output_dirs(config):
         check_writable(directory, option)
+
+
+# Names Lightning resolves itself (and files on remote storage): nothing to read ahead of it.
+_SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(config) -> None:
+    """Read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
+
+    Lightning's CLI then replaces the config's model options by the checkpoint's (the weights only fit
+    the architecture they were trained with); a warning lists the options that changed.
+    """
+    from lightning_flows.checkpoints import CheckpointError, read_checkpoint, resolve_model_class
+
+    path = str(config.ckpt_path)
+    if path in _SYMBOLIC_CKPT_PATHS or path.startswith("registry:") or "://" in path:
+        return
+    checkpoint = read_checkpoint(path)
+    cls = resolve_model_class(checkpoint, path)
+    configured = str(config.model.class_path) if config.get("model") is not None else ""
+    if configured and configured.rpartition(".")[2] != cls.__name__:
+        raise CheckpointError(f"{path} was written by a {cls.__name__} run, but this run trains "
+                              f"{configured.rpartition('.')[2]}; pass a checkpoint of the same family and config "
+                              f"to --ckpt_path, or drop --ckpt_path to start afresh.")
+    saved = checkpoint.get("hyper_parameters") or {}
+    init_args = config.model.get("init_args") if configured else None
+    given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    changed = [f"{key}={saved[key]!r} (config: {given[key]!r})" for key in given
+               if key in saved and key != "data_shape" and isinstance(given[key], (bool, int, float, str))
+               and given[key] != saved[key]]
+    if changed:
+        rank_zero_warn(f"--ckpt_path {path}: the checkpoint's model options replace the config's, since its weights "
+                       f"need them: {', '.join(changed)}.")

@@ -6,13 +6,18 @@ neither imports the other: a benchmark run is exactly the ``lightning-flows fit`
 
 from __future__ import annotations
 
+import re
+
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import DistributedReplicas, NonFiniteGuard, PerStepSeed, SampleGridCallback
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
+from lightning_flows.cli_errors import FlowsArgumentParser
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.models import GenerativeModel
-from lightning_flows.run_checks import check_devices_exist, check_output_dirs_writable
+from lightning_flows.run_checks import (
+    RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
+)
 
 
 class FlowsCLI(LightningCLI):
@@ -30,11 +35,27 @@ class FlowsCLI(LightningCLI):
         # (`--checkpoint.every_n_train_steps`, `--checkpoint.train_time_interval`, ...: any ModelCheckpoint option).
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            check_ckpt_path(self.config[subcommand])
+
     def before_instantiate_classes(self) -> None:
         # Fail before any work: a run must not train for hours and then find it cannot write its results.
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices_exist(config.trainer.accelerator, config.trainer.devices)
         check_output_dirs_writable(config)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # A model or DataModule rejecting its arguments ("Unknown dataset ...", "TimeUNet needs image
+            # data ...") is a configuration error whose message names the fix. jsonargparse wraps a model's
+            # message in a report of every Union subtype it tried: surface the model's own.
+            inner = re.search(r"Errors:\n\s*- (.+?)\n\s*- Expected a <class 'NoneType'>", str(err), re.S)
+            raise RunSetupError(inner.group(1).strip() if inner else str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
@@ -60,5 +81,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FlowsCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_class=FlowsArgumentParser,  # errors name the closest valid option / the model families
         trainer_defaults={"default_root_dir": "runs"},
     )
