@@ -69,7 +69,7 @@ def test_image_backbone_on_2d_data_is_a_clear_error(tmp_path, fit_args):
 
 
 def test_unknown_dataset_from_the_cli_is_a_clear_error(tmp_path, fit_args):
-    with pytest.raises(SystemExit, match="^error: Unknown dataset 'eightgaussians'. Choose one of: 2spirals, 8gaussians"):
+    with pytest.raises(SystemExit, match="^error: Unknown dataset 'eightgaussians'. Choose one of: 2spirals, "):
         main(["fit", "--config", TOY, *fit_args(*TINY, "--data.dataset", "eightgaussians")])
 
 
