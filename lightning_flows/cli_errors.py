@@ -52,18 +52,25 @@ def hint_for(message: str, parser: argparse.ArgumentParser) -> str:
     """Lines to append to jsonargparse's ``message`` (empty when there is nothing to add)."""
     if 'Parser key "model"' in message and re.search(r"dot import path|has no attribute|does not exist|"
                                                       r"Import path", message):
-        given = re.search(r"Given value: (?:NestedArg\(key='class_path', val=')?'?([\w.]+)", message)
-        word = given.group(1).rpartition(".")[2] if given else ""
+        # The value the user gave, as the different jsonargparse versions quote it.
+        given = re.search(r"Given value: (?:NestedArg\(key='class_path', val=')?'?([\w.]+)|"
+                          r"dot import path string: ([\w.]+)|has no attribute '(\w+)'", message)
+        word = next((g for g in given.groups() if g), "").rpartition(".")[2] if given else ""
         families = model_families()
         return (f"\nChoose a model family: {', '.join(families)} (e.g. --model FlowMatching or "
                 f"model.class_path: lightning_flows.models.FlowMatching).{_did_you_mean(word, families)}")
     hints = []
-    for class_path, option in re.findall(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message):
+    # (The wordings of the jsonargparse versions we support.)
+    key_rejected = r"(?:Option '(\w+)' is not accepted|No action for key \"(\w+)\"|Key '(\w+)' is not expected)"
+    for class_path, *options in re.findall(r"class_path '([\w.]+)':\s*(?:Validation failed: )?" + key_rejected,
+                                           message):
+        option = next(o for o in options if o)
         parameters = _init_parameters(class_path)
         hints.append(f"{class_path.rpartition('.')[2]} has no option {option!r}.{_did_you_mean(option, parameters)}"
                      f" Its options: {', '.join(parameters)}.")
-    unknown = re.findall(r"unrecognized arguments: (--[\w.]+)", message)
-    unknown += ["--" + key for key in re.findall(r"does not accept option '([\w.]+)'", message)]
+    unknown = re.findall(r"(?i)unrecognized arguments: (--[\w.]+)", message)
+    unknown += ["--" + key for key in re.findall(r"does not accept (?:option|nested key) '([\w.]+)'", message)]
+    unknown += ["--" + key for key in re.findall(r"^Validation failed: No action for key \"([\w.]+)\"", message)]
     if unknown:
         options = _option_strings(parser)
         for option in unknown:
@@ -77,3 +84,17 @@ class FlowsArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(message + hint_for(message, self), ex)
+
+
+def model_error_of(message: str) -> str | None:
+    """The model's (or DataModule's) own message inside jsonargparse's report of a failed Union.
+
+    jsonargparse lists one error per subtype it tried (``None`` and the model class); the one that
+    is not about ``None`` is the model's ValueError, which names the fix.
+    """
+    block = re.search(r"Errors:\n(.*?)(?:\nGiven value|\Z)", message, re.S)
+    if block is None:
+        return None
+    errors = [e.strip() for e in re.split(r"\n\s*- ", "\n" + block.group(1)) if e.strip()]
+    errors = [e for e in errors if not e.startswith("Expected a <class 'NoneType'>")]
+    return errors[0] if len(errors) == 1 else None

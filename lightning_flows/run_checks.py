@@ -101,8 +101,9 @@ _SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
 def check_ckpt_path(config) -> None:
     """Read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
 
-    Lightning's CLI then replaces the config's model options by the checkpoint's (the weights only fit
-    the architecture they were trained with); a warning lists the options that changed.
+    Lightning's CLI (from 2.5.5) then replaces the config's model options by the checkpoint's (the
+    weights only fit the architecture they were trained with); a warning lists the options that change.
+    (Older versions build the configured model, and loading refuses weights of another configuration.)
     """
     from lightning_flows.checkpoints import CheckpointError, read_checkpoint, resolve_model_class
 
@@ -116,6 +117,10 @@ def check_ckpt_path(config) -> None:
         raise CheckpointError(f"{path} was written by a {cls.__name__} run, but this run trains "
                               f"{configured.rpartition('.')[2]}; pass a checkpoint of the same family and config "
                               f"to --ckpt_path, or drop --ckpt_path to start afresh.")
+    from lightning.pytorch.cli import LightningCLI
+
+    if not hasattr(LightningCLI, "_parse_ckpt_path"):
+        return
     saved = checkpoint.get("hyper_parameters") or {}
     init_args = config.model.get("init_args") if configured else None
     given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})

@@ -6,13 +6,11 @@ neither imports the other: a benchmark run is exactly the ``lightning-flows fit`
 
 from __future__ import annotations
 
-import re
-
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import DistributedReplicas, NonFiniteGuard, PerStepSeed, SampleGridCallback
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
-from lightning_flows.cli_errors import FlowsArgumentParser
+from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.models import GenerativeModel
 from lightning_flows.run_checks import (
@@ -35,6 +33,13 @@ class FlowsCLI(LightningCLI):
         # (`--checkpoint.every_n_train_steps`, `--checkpoint.train_time_interval`, ...: any ModelCheckpoint option).
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
 
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        # Errors name the closest valid option / the model families. (Set on the instance rather than
+        # through LightningCLI's `parser_class`, which Lightning only has since 2.5.1.)
+        parser.__class__ = FlowsArgumentParser
+        return parser
+
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -54,8 +59,7 @@ class FlowsCLI(LightningCLI):
             # A model or DataModule rejecting its arguments ("Unknown dataset ...", "TimeUNet needs image
             # data ...") is a configuration error whose message names the fix. jsonargparse wraps a model's
             # message in a report of every Union subtype it tried: surface the model's own.
-            inner = re.search(r"Errors:\n\s*- (.+?)\n\s*- Expected a <class 'NoneType'>", str(err), re.S)
-            raise RunSetupError(inner.group(1).strip() if inner else str(err)) from err
+            raise RunSetupError(model_error_of(str(err)) or str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
@@ -81,6 +85,5 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FlowsCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_class=FlowsArgumentParser,  # errors name the closest valid option / the model families
         trainer_defaults={"default_root_dir": "runs"},
     )

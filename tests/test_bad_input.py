@@ -47,14 +47,14 @@ def test_unknown_model_lists_the_families_and_the_closest(tmp_path, capsys, give
                                                ("--sample_grid.m", "--sample_grid.n")])
 def test_unknown_command_line_option_suggests_the_closest(tmp_path, capsys, option, suggestion):
     message = _fit_error(capsys, "--config", TOY, *_dirs(tmp_path), option, "3")
-    assert f"unrecognized arguments: {option}" in message and f"Did you mean '{suggestion}'" in message
+    assert f"unrecognized arguments: {option}" in message.lower() and f"Did you mean '{suggestion}'" in message
 
 
 def test_unknown_key_in_a_config_file_suggests_the_closest(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("trainer:\n  max_stepz: 3\n")
     message = _fit_error(capsys, "--config", TOY, "--config", str(config), *_dirs(tmp_path))
-    assert "does not accept option 'trainer.max_stepz'" in message and "Did you mean '--trainer.max_steps'" in message
+    assert "Unknown option --trainer.max_stepz. Did you mean '--trainer.max_steps'" in message
 
 
 def test_unknown_model_option_names_the_family_its_options_and_the_closest(tmp_path, capsys):
@@ -194,12 +194,20 @@ def test_ckpt_path_refuses_a_truncated_foreign_or_other_family_checkpoint(checkp
     assert not list(tmp_path.glob("**/*.ckpt"))  # refused before any training
 
 
-def test_ckpt_path_of_another_configuration_resumes_with_its_own_options_and_says_so(checkpoints, tmp_path):
-    # LightningCLI replaces the config's model options by the checkpoint's; we warn which ones changed.
+def test_ckpt_path_of_another_configuration_is_either_adopted_with_a_warning_or_refused(checkpoints, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    args = ["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+            "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm16"])]
+    if not hasattr(LightningCLI, "_parse_ckpt_path"):
+        # Lightning < 2.5.5 builds the configured model; loading then refuses the other weights.
+        with pytest.raises(SystemExit, match=r"^error: .*holds FlowMatching weights of another configuration"):
+            main(args)
+        return
+    # Lightning >= 2.5.5 replaces the config's model options by the checkpoint's; we say which ones changed.
     with pytest.warns(UserWarning, match=r"the checkpoint's model options replace the config's, since its weights "
                                          r"need them: hidden=16 \(config: 32\)"):
-        main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
-              "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm16"])])
+        main(args)
     (last,) = tmp_path.glob("**/last.ckpt")
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 4 and saved["hyper_parameters"]["hidden"] == 16

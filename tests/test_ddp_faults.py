@@ -3,7 +3,8 @@
 Faults injected: an exception on rank 1, and on rank 0 (the launching process), of a 2-rank CPU job in
 the middle of training. What must survive: nothing hangs; every process exits, non-zero, promptly.
 Multi-node: two launches of the same command with ``--trainer.num_nodes 2`` (node ranks 0 and 1, gloo on
-localhost, the environment a cluster launcher sets), which must train together and end identical.
+localhost), in each documented way -- Lightning's own launcher with MASTER_ADDR/MASTER_PORT/NODE_RANK,
+torchrun, and SLURM's srun environment -- which must train together and end identical.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,16 +70,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(tmp_path: Path, steps: int) -> list[subprocess.CompletedProcess]:
+def _node_command(launch: str, node_rank: int, port: str, fit_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of one node, as each documented way of launching sets them up."""
+    if launch == "env":  # Lightning's own launcher: what a shell loop over hosts or a job system exports
+        env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank), WORLD_SIZE="2")
+        return cli(*fit_args), env
+    if launch == "torchrun":  # experiments/README.md: `torchrun --nnodes 2 --node_rank ... -m lightning_flows.cli`
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                   "-m", "lightning_flows.cli", *fit_args]
+        return command, python_env()
+    # launch == "slurm": what `srun` sets for each task of `#SBATCH --nodes=2 --ntasks-per-node=1`
+    env = python_env(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(node_rank),
+                     SLURM_LOCALID="0", SLURM_NODEID=str(node_rank), SLURM_JOB_ID="4242",
+                     SLURM_JOB_NAME="lightning-flows-test", SLURM_NODELIST="127.0.0.1", MASTER_PORT=port)
+    return cli(*fit_args), env
+
+
+def _two_nodes(tmp_path: Path, steps: int, launch: str) -> list[subprocess.CompletedProcess]:
     port = str(_free_port())
     nodes = []
     for node_rank in (0, 1):
-        # What a cluster launcher (SLURM, a Kubernetes job, a shell loop over hosts) sets on each node.
-        env = python_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node_rank), WORLD_SIZE="2")
         node_dir = tmp_path / f"node{node_rank}"
-        command = cli("fit", "--config", TOY, *SMALL, *_dirs(node_dir), "--trainer.num_nodes", "2",
-                      "--trainer.devices", "1", "--trainer.max_steps", str(steps),
-                      "--trainer.callbacks+=fault_injection.DumpWeights", "--trainer.callbacks.out", str(tmp_path))
+        fit_args = ["fit", "--config", TOY, *SMALL, *_dirs(node_dir), "--trainer.num_nodes", "2",
+                    "--trainer.devices", "1", "--trainer.max_steps", str(steps),
+                    "--trainer.callbacks+=fault_injection.DumpWeights", "--trainer.callbacks.out", str(tmp_path)]
+        command, env = _node_command(launch, node_rank, port, fit_args)
         nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     for node in nodes:
@@ -87,11 +105,12 @@ def _two_nodes(tmp_path: Path, steps: int) -> list[subprocess.CompletedProcess]:
 
 
 @pytest.mark.timeout(480)
-def test_two_nodes_on_one_host_train_together_and_end_identical(tmp_path):
+@pytest.mark.parametrize("launch", ["env", "torchrun", "slurm"])
+def test_two_nodes_on_one_host_train_together_and_end_identical(tmp_path, launch):
     steps = 5
-    results = _two_nodes(tmp_path, steps)
+    results = _two_nodes(tmp_path, steps, launch)
     if any(r.returncode for r in results) and any(s in r.stdout for r in results for s in PORT_TAKEN):
-        results = _two_nodes(tmp_path, steps)  # the port we picked was taken meanwhile: once more
+        results = _two_nodes(tmp_path, steps, launch)  # the port we picked was taken meanwhile: once more
     for node_rank, result in enumerate(results):
         assert result.returncode == 0, f"node {node_rank}:\n{result.stdout[-3000:]}"
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
