@@ -53,6 +53,11 @@ def test_max_steps_before_the_first_validation_leaves_last_ckpt_and_final_sample
     assert model.sample(8).shape == (8, 2)
 
 
+def test_sample_grid_n_zero_turns_the_pictures_off_but_not_the_checkpoint(tmp_path):
+    main(["fit", "--config", TOY, *SMALL, *_dirs(tmp_path), "--trainer.max_steps", "3", "--sample_grid.n", "0"])
+    assert list(tmp_path.glob("**/checkpoints/last.ckpt")) and not list(tmp_path.glob("**/*.png"))
+
+
 def test_max_time_leaves_last_ckpt_and_final_samples(tmp_path):
     main(["fit", "--config", TOY, *SMALL, *_dirs(tmp_path), "--trainer.max_epochs", "-1",
           "--trainer.max_time", "00:00:00:02"])
@@ -66,7 +71,7 @@ def test_every_cli_run_checkpoints_atomically_with_a_run_checkpoint(tmp_path):
     cli_ = build_cli(["--config", TOY, *_dirs(tmp_path)], run=False)
     assert sum(isinstance(c, RunCheckpoint) for c in cli_.trainer.callbacks) == 1
     checkpoint = cli_.trainer.checkpoint_callback
-    assert checkpoint.save_last and checkpoint._train_time_interval is not None  # every 10 minutes by default
+    assert checkpoint.save_last and checkpoint._every_n_train_steps == 1000  # by default
     main(["fit", "--config", TOY, *SMALL, *_dirs(tmp_path / "run"), "--trainer.max_steps", "2",
           "--trainer.enable_checkpointing", "false"])  # checkpointing can still be turned off
     assert not list((tmp_path / "run").glob("**/*.ckpt"))

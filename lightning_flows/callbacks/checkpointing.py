@@ -16,7 +16,8 @@ file and the fix, plus a check that the file belongs to the family being trained
   aborts at once, saving nothing), so no stop lands mid-step;
 * after saving it draws the final sample grid (:class:`SampleGridCallback`) from the checkpoint's
   evaluation weights (EMA when kept), i.e. exactly what ``lightning-flows sample`` would draw;
-* during training it saves every ``train_time_interval`` (10 minutes unless another trigger is given);
+* during training it saves every 1000 optimizer steps unless another trigger is given (a step count
+  needs no collective; Lightning's ``train_time_interval`` broadcasts rank 0's clock after every batch);
 * ``--ckpt_path last`` finds the newest ``last.ckpt`` among *all* versions of the experiment
   (``<save_dir>/<name>/version_*/checkpoints``): a restarted run writes a new version directory.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_flows.callbacks.sample_grid import SampleGridCallback
 
-DEFAULT_SAVE_INTERVAL = timedelta(minutes=10)
+DEFAULT_EVERY_N_TRAIN_STEPS = 1000
+# Under DDP, how often (in batches) the ranks agree on whether a signal asked them to stop: a tiny
+# all-reduce, but also a host-device sync, so not after every batch.
+STOP_CHECK_EVERY_N_BATCHES = 10
+
+# Lightning warns that with manual optimisation (the GAN) a checkpoint holds the state *after* the
+# batch's optimizer steps. That is exactly what resuming needs, since the batch will not be replayed.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -107,14 +116,14 @@ class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` with ``last.ckpt`` on every stop, atomic writes and a final sample grid.
 
     Takes every ``ModelCheckpoint`` argument. Differences: ``save_last`` defaults to True, and without
-    any of ``every_n_train_steps`` / ``every_n_epochs`` / ``train_time_interval`` it saves every 10
-    minutes of training (instead of after each validation, which configs run only every few epochs).
+    any of ``every_n_train_steps`` / ``every_n_epochs`` / ``train_time_interval`` it saves every 1000
+    optimizer steps (instead of after each validation, which configs run only every few epochs).
     """
 
     def __init__(self, *args, save_last: bool | None = True, every_n_train_steps: int | None = None,
                  train_time_interval: timedelta | None = None, every_n_epochs: int | None = None, **kwargs):
         if every_n_train_steps is None and train_time_interval is None and every_n_epochs is None:
-            train_time_interval = DEFAULT_SAVE_INTERVAL
+            every_n_train_steps = DEFAULT_EVERY_N_TRAIN_STEPS
         super().__init__(*args, save_last=save_last, every_n_train_steps=every_n_train_steps,
                          train_time_interval=train_time_interval, every_n_epochs=every_n_epochs, **kwargs)
         # setup() fills in dirpath from the logger; remember whether the user chose it.
@@ -144,6 +153,8 @@ class RunCheckpoint(ModelCheckpoint):
         # training ends through on_train_end everywhere and the final save is an ordinary collective one.
         requested = self._stop_requested_by is not None
         if trainer.world_size > 1:
+            if (batch_idx + 1) % STOP_CHECK_EVERY_N_BATCHES:
+                return
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested and not trainer.should_stop:
             self._stopped_by_signal = True

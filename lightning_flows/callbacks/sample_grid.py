@@ -52,7 +52,7 @@ class SampleGridCallback(L.Callback):
 
     def draw_final(self, trainer: L.Trainer, pl_module, checkpoint_path: str | Path) -> None:
         """On rank zero, draw ``samples/final.png`` with the evaluation weights of ``checkpoint_path``."""
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self.n <= 0:
             return
         from lightning_flows.checkpoints import evaluation_weights, read_checkpoint
 
@@ -71,6 +71,8 @@ class SampleGridCallback(L.Callback):
             pl_module.train(was_training)
 
     def _draw(self, trainer: L.Trainer, pl_module, filename: str, title: str) -> None:
+        if self.n <= 0:  # `--sample_grid.n 0` turns the pictures off
+            return
         datamodule = trainer.datamodule
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
