@@ -158,14 +158,15 @@ def _rewrite_forever(path: str) -> None:
             Path(path + ".started").touch()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_sigkill_in_the_middle_of_saving_leaves_a_complete_checkpoint(tmp_path):
     # A process rewriting an 8 MB checkpoint in a loop, killed at arbitrary moments: most kills land
     # mid-write; the file on disk must always be one complete checkpoint.
     path = tmp_path / "last.ckpt"
     killed_mid_write = 0
     for delay in (0.05, 0.13, 0.31):
-        writer = multiprocessing.get_context("fork").Process(target=_rewrite_forever, args=(str(path),))
+        # spawn, not fork: a forked child of a process whose OpenMP pool has run can deadlock in torch ops.
+        writer = multiprocessing.get_context("spawn").Process(target=_rewrite_forever, args=(str(path),))
         writer.start()
         while not Path(str(path) + ".started").exists():
             assert writer.is_alive()
