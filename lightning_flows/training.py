@@ -10,15 +10,17 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import NonFiniteGuard, SampleGridCallback
 from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.facts import link_data_facts
 from lightning_flows.models import GenerativeModel
 
 
 class FlowsCLI(LightningCLI):
-    """LightningCLI with the DataModule's example shape linked into every model, sample grids and a
+    """LightningCLI with the DataModule's facts (example shape, quantisation levels; see
+    :mod:`lightning_flows.data.facts`) linked into every model that takes them, sample grids and a
     non-finite guard on every run."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
+        link_data_facts(parser)  # data_shape, data_levels, ... into the models that take them
         parser.add_lightning_class_args(SampleGridCallback, "sample_grid")
         # On for every run: a NaN/inf loss or gradient is skipped instead of corrupting the weights,
         # and a run that keeps producing them stops with a message (`--non_finite_guard.max_consecutive`).
