@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,9 @@ def test_models_accept_the_facts_they_name_and_levels_never_clash_with_glow_leve
                                                              "data_levels": 17}
     with pytest.raises(ValueError, match="data_levels=256.*levels=17"):
         fill_data_facts(VAE, {"data_levels": 256}, dm)
+    # A fact recorded for a model that does not take it (LightningCLI saves every link target) is dropped.
+    assert fill_data_facts(FlowMatching, {"data_levels": None, "hidden": 8}, dm) == {"hidden": 8,
+                                                                                      "data_shape": (1, 8, 8)}
 
 
 def test_discrete_decoders_without_levels_name_the_fix():
@@ -217,7 +221,6 @@ def test_discrete_decoders_under_two_cpu_ranks(tmp_path, family):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     probe = Path(__file__).with_name("ddp_discrete_probe.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
@@ -233,3 +236,16 @@ def test_discrete_decoders_under_two_cpu_ranks(tmp_path, family):
         if family == "diffusion":
             assert torch.equal(score, rank1["scores"][kind]), kind
     assert math.isfinite(float(rank0["bpd"])) and math.isfinite(float(rank1["bpd"]))
+
+
+@pytest.mark.parametrize("dataset,levels", [("digits", 17), ("mnist5k", 256), ("cifar10", 256)])
+def test_image_configs_build_discrete_likelihoods_with_linked_levels(dataset, levels):
+    """The committed VAE and diffusion configs of every image dataset (built, not trained: no data is loaded)."""
+    from lightning_flows.training import build_cli
+
+    for family, decoder_attribute, decoder in (("vae", "decoder_kind", "discretized_logistic"),
+                                               ("diffusion", "decoder", "discretized")):
+        config = Path(__file__).parents[1] / f"experiments/{dataset}/{family}.yaml"
+        cli = build_cli(["--config", str(config), "--trainer.logger", "false"], run=False)
+        assert cli.model.data_levels == levels and getattr(cli.model, decoder_attribute) == decoder
+        assert cli.model.hparams.data_levels == levels

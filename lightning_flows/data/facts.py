@@ -42,11 +42,14 @@ def data_facts_for(model_cls: type, datamodule) -> dict[str, Any]:
 
 
 def fill_data_facts(model_cls: type, kwargs: dict[str, Any], datamodule) -> dict[str, Any]:
-    """``kwargs`` plus every fact ``model_cls`` accepts that they lack, read from ``datamodule``.
+    """``kwargs`` plus every fact ``model_cls`` accepts that they lack, read from ``datamodule``, and
+    without the facts it does not accept (LightningCLI records every linked fact in a run's
+    hyperparameters, also for a model that does not take it).
 
     Raises ``ValueError`` naming the fact when ``kwargs`` give a value that contradicts the DataModule.
     """
-    filled = dict(kwargs)
+    accepted = accepted_data_facts(model_cls)
+    filled = {k: v for k, v in kwargs.items() if k not in MODEL_DATA_FACTS or k in accepted}
     for name, value in data_facts_for(model_cls, datamodule).items():
         if name not in filled or filled[name] is None:
             filled[name] = value

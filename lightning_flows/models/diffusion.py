@@ -185,6 +185,19 @@ def gaussian_kl(mean_q: Tensor, var_q: Tensor, mean_p: Tensor, var_p: Tensor) ->
     return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1.0)
 
 
+def stratified_timesteps(num_steps: int, k: int, batch: int, device=None) -> Tensor:
+    """``(batch, k)`` timesteps in ``2..T`` for an unbiased estimate of the bound's ``T - 1`` KL terms as
+    ``(T - 1) * mean(terms)``: one uniform draw in each of ``k`` equal strata of ``[0, T - 1)``, floored.
+
+    Every timestep keeps total probability ``k / (T - 1)`` (so the estimate stays unbiased), but each
+    example now always draws from the first steps, whose terms are ~1/t larger than the rest: plain
+    uniform draws leave a heavy tail that makes a test-set mean usually land below the true sum.
+    """
+    width = (num_steps - 1) / k
+    u = (torch.arange(k, device=device) + torch.rand(batch, k, device=device, dtype=torch.float64)) * width
+    return 2 + u.floor().long().clamp(max=num_steps - 2)
+
+
 def ddim_timesteps(num_steps: int, sample_steps: int) -> list[int]:
     """``sample_steps`` increasing timesteps in ``1..T`` spread evenly, always including ``T``."""
     if not 1 <= sample_steps <= num_steps:
@@ -217,6 +230,13 @@ class Diffusion(GenerativeModel):
     :attr:`likelihood` reads ``bound`` or ``exact`` accordingly, and :data:`LIKELIHOOD_KINDS` maps each
     kind to that label, so an evaluator can report both.
 
+    Choosing ``T`` for coarse levels: once the noise ``sigma_t`` is far below a level cell's width, the
+    levels are resolved and ``eps`` becomes a sawtooth of ``x_t`` that a small network learns slowly; the
+    bound's first KL terms (weighted ~1/t) then cost about ``log(cell / sigma_1)`` nats per dimension. On
+    digits (17 levels, cells 0.12 wide; 1000 steps at batch 128) the cosine schedule with ``T = 1000``
+    (``sigma_1 = 0.006``) reaches 4.6 bits/dim, ``T = 100`` linear (``sigma_1 = 0.03``) 2.5, most of it
+    still spent in the first ten steps. For 256 levels (cells 0.008) DDPM's ``T = 1000`` is the right scale.
+
     Args:
         data_levels: the data's quantisation levels ``L``, linked from the DataModule by the CLI (and
             saved in checkpoints); needed by ``decoder: discretized``, ``None`` for continuous data.
@@ -239,7 +259,8 @@ class Diffusion(GenerativeModel):
         clip_denoised: clamp ``x0_hat`` to [-1, 1] while sampling (default: on for images, whose
             model space is [-1, 1]; off for vectors). The bound never clips.
         bound_timesteps: ``None`` sums all ``T - 1`` KL terms of the bound; an integer ``k`` estimates
-            their sum without bias from ``k`` random timesteps per example (cheaper, noisier).
+            their sum without bias from ``k`` stratified random timesteps per example (cheaper, noisier;
+            see :func:`stratified_timesteps`).
         bound_chunk: timesteps evaluated per network call when computing the bound.
         likelihood_kind: what ``log_prob`` returns by default: ``bound`` or ``ode``.
         likelihood_solver: ODE solver of :meth:`log_prob_ode` (default dopri5, rtol = atol = 1e-5,
@@ -385,7 +406,7 @@ class Diffusion(GenerativeModel):
             t = torch.arange(2, T + 1, device=x0.device).expand(batch, T - 1)
             middle = self._chunked_transition_terms(x0, t).sum(1)
         else:
-            t = torch.randint(2, T + 1, (batch, self.bound_timesteps), device=x0.device)
+            t = stratified_timesteps(T, min(self.bound_timesteps, T - 1), batch, x0.device)
             middle = (T - 1) * self._chunked_transition_terms(x0, t).mean(1)
         return self.prior_term(x0) + middle + self.decoder_term(x0)
 
