@@ -128,10 +128,13 @@ def test_deterministic_ddim_and_its_timesteps():
         model.sample(5, sampler="ddim", steps=500)
 
 
-@pytest.mark.parametrize("config", ["experiments/toy2d/diffusion.yaml", "experiments/digits/diffusion.yaml"])
-def test_diffusion_fits_from_config_and_samples(config, tmp_path, tiny_fit):
+@pytest.mark.parametrize("config,decoder", [("experiments/toy2d/diffusion.yaml", "gaussian"),
+                                            ("experiments/digits/diffusion.yaml", "gaussian"),
+                                            ("experiments/digits/diffusion.yaml", "discretized")])
+def test_diffusion_fits_from_config_and_samples(config, decoder, tmp_path, tiny_fit):
     # Few sampling steps keep the test quick; the sample grid still goes through the configured sampler.
-    cli = tiny_fit(config, tmp_path, "--model.init_args.sample_steps", "10", "--model.init_args.num_steps", "100")
+    cli = tiny_fit(config, tmp_path, "--model.init_args.sample_steps", "10", "--model.init_args.num_steps", "100",
+                   "--model.init_args.decoder", decoder)
     model, dm = cli.model, cli.datamodule
     assert cli.trainer.global_step == 2
     assert list(tmp_path.rglob("samples/*.png")), "the sample-grid callback wrote no picture"
@@ -292,13 +295,19 @@ def test_discretised_diffusion_trains_on_the_level_centres():
     assert torch.equal(Diffusion((2,), num_steps=10, hidden=8, depth=1).diffused_data(x), x)
 
 
-@pytest.mark.parametrize("num_steps,k", [(1000, 50), (11, 4), (20, 19)])
-def test_stratified_timesteps_cover_every_term_equally_and_always_the_first_stratum(num_steps, k):
-    from lightning_flows.models.diffusion import stratified_timesteps
+@pytest.mark.parametrize("num_steps,k", [(1000, 50), (11, 4), (11, 5), (20, 19), (20, 30)])
+def test_bound_timesteps_weigh_every_term_once_in_expectation(num_steps, k):
+    from lightning_flows.models.diffusion import bound_timestep_sample
 
     torch.manual_seed(0)
-    t = stratified_timesteps(num_steps, k, 100_000)
-    assert t.shape == (100_000, k) and t.min() >= 2 and t.max() <= num_steps
-    frequency = torch.bincount(t.flatten() - 2, minlength=num_steps - 1).double() / (100_000 * k) * (num_steps - 1)
-    torch.testing.assert_close(frequency, torch.ones(num_steps - 1, dtype=torch.float64), atol=0.05, rtol=0)
-    assert (t[:, 0] <= 2 + (num_steps - 1) / k).all()  # every example draws one of the first steps
+    t, weights = bound_timestep_sample(num_steps, k, 100_000)
+    n_terms = num_steps - 1
+    assert t.shape == (100_000, min(k, n_terms)) and t.min() >= 2 and t.max() <= num_steps
+    # E[sum_j w_j 1{t_j = s}] = 1 for every term s: the weighted estimate of the sum is unbiased.
+    expected_weight = torch.zeros(n_terms, dtype=torch.float64)
+    expected_weight.index_add_(0, (t - 2).flatten(), weights.double().expand_as(t).flatten())
+    width = float(weights.max())  # a tail term is drawn with probability 1 / width: 5 standard errors
+    torch.testing.assert_close(expected_weight / 100_000, torch.ones(n_terms, dtype=torch.float64),
+                               atol=5 * (width / 100_000) ** 0.5, rtol=0)
+    head = min(k, n_terms) if k >= n_terms else k // 2
+    assert torch.equal(t[:, :head], torch.arange(2, 2 + head).expand(100_000, head))  # the first terms, always
