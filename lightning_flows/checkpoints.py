@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.facts import fill_data_facts
 from lightning_flows.models import GenerativeModel
 from lightning_flows.ode import SolverConfig
 
@@ -127,10 +128,12 @@ def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[Generativ
     checkpoint = read_checkpoint(path, map_location)
     cls = resolve_model_class(checkpoint, path)
     try:
-        model = cls(**_plain_kwargs(checkpoint, "hyper_parameters"))
+        datamodule = GenerativeDataModule(**_plain_kwargs(checkpoint, "datamodule_hyper_parameters"))
+        # The saved hyperparameters hold the data facts the model was trained with (shape, levels);
+        # facts a checkpoint predates come from its DataModule, and contradictions are refused.
+        model = cls(**fill_data_facts(cls, _plain_kwargs(checkpoint, "hyper_parameters"), datamodule))
         # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
         model.load_state_dict(evaluation_weights(checkpoint))
-        datamodule = GenerativeDataModule(**_plain_kwargs(checkpoint, "datamodule_hyper_parameters"))
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path} could not rebuild {cls.__name__} and its data "
                               f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); the checkpoint was "

@@ -15,6 +15,7 @@ from lightning_flows.callbacks import (DistributedReplicas, EvaluationCallback, 
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
 from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
 from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.facts import link_data_facts
 from lightning_flows.models import GenerativeModel
 from lightning_flows.run_checks import (
     RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
@@ -22,12 +23,13 @@ from lightning_flows.run_checks import (
 
 
 class FlowsCLI(LightningCLI):
-    """LightningCLI with the DataModule's example shape linked into every model and, on every run:
-    sample grids, a non-finite guard, the shared evaluation callback, per-rank per-step seeding, replicas
-    that end identical, and checkpoints that survive any stop."""
+    """LightningCLI with the DataModule's facts (example shape, quantisation levels; see
+    :mod:`lightning_flows.data.facts`) linked into every model that takes them and, on every run: sample
+    grids, a non-finite guard, the shared evaluation callback, per-rank per-step seeding, replicas that end
+    identical, and checkpoints that survive any stop."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
+        link_data_facts(parser)  # data_shape, data_levels, ... into the models that take them
         parser.add_lightning_class_args(SampleGridCallback, "sample_grid")
         # On for every run: a NaN/inf loss or gradient is skipped instead of corrupting the weights,
         # and a run that keeps producing them stops with a message (`--non_finite_guard.max_consecutive`).
