@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_flows.data.toy2d import TOY_MODES
 from lightning_flows.evaluation.likelihood import split_likelihood
 from lightning_flows.evaluation.reference import build_extractor, extract_features, reference_features
-from lightning_flows.evaluation.samples import gather_chunks, generate_chunks, warm_up
+from lightning_flows.evaluation.samples import chunk_seed, gather_chunks, generate_chunks, rank_chunks, warm_up
 from lightning_flows.evaluation.spec import EvaluationSpec, floor_split_for
 from lightning_flows.metrics import (energy_distance, frechet_distance, kernel_distance, mode_coverage,
-                                     precision_recall)
+                                     path_straightness, precision_recall)
 from lightning_flows.metrics.classifier import default_cache_dir
 from lightning_flows.metrics.distributed import rank_and_world
 from lightning_flows.metrics.sampling_cost import SamplingCost
+from lightning_flows.ode import SolverConfig, integrate
 
 # What each key of a result means (the table, results.json and loggers use these names).
 KEYS = {
@@ -43,6 +45,8 @@ KEYS = {
     "energy_distance / energy_distance_floor": "2D data: energy distance to the reference split, and its floor",
     "modes_hit / mode_kl / good_fraction": "8gaussians: modes receiving >= 1% of samples, KL(mode histogram || "
                                            "uniform) in nats, fraction of samples within 3 std of a mode",
+    "straightness / straightness_rel": "ODE samplers: mean Liu et al. straightness S of straightness_paths paths "
+                                       "from noise (0 = straight at constant speed), and S / kinetic energy in [0, 1]",
 }
 
 
@@ -55,6 +59,7 @@ class Evaluator:
         self.cache_dir = Path(self.spec.cache_dir).expanduser() if self.spec.cache_dir else default_cache_dir()
         self._extractor = None
         self._reference: dict[tuple, tuple[Tensor, Tensor]] = {}  # (dataset, split) -> (reference, floor)
+        self._point_floor: dict[tuple, float] = {}  # (dataset, seed, split, n) -> energy distance of the floor
         self.last_samples: Tensor | None = None  # the evaluated samples, model space, every rank
         self.last_rank_samples = 0  # how many of them this rank drew
 
@@ -80,6 +85,8 @@ class Evaluator:
                                                rank, world))
             if spec.quality or spec.timing:
                 result.update(self._samples(model, datamodule, rank, world))
+            if spec.straightness_paths and model.sampling_ode() is not None:
+                result.update(self._straightness(model, rank, world))
         finally:
             model.train(was_training)
         return result
@@ -170,9 +177,12 @@ class Evaluator:
         reference = datamodule.split(spec.reference_split)[:n]
         floor = datamodule.split(floor_split_for(spec.reference_split))[:n]
         precision, recall = precision_recall(reference, samples.cpu(), spec.pr_k)
+        floor_key = (datamodule.dataset, datamodule.seed, spec.reference_split, n)
+        if floor_key not in self._point_floor:  # real data only: the same for every model and sampler
+            self._point_floor[floor_key] = float(energy_distance(floor, reference))
         result = {"reference_split": spec.reference_split, "n_quality": n, "n_reference": len(reference),
                   "energy_distance": float(energy_distance(samples.cpu(), reference)),
-                  "energy_distance_floor": float(energy_distance(floor, reference)),
+                  "energy_distance_floor": self._point_floor[floor_key],
                   "precision": precision, "recall": recall}
         if datamodule.dataset in TOY_MODES:
             centres, std = TOY_MODES[datamodule.dataset]
@@ -181,13 +191,36 @@ class Evaluator:
                           mode_kl=coverage.kl_to_uniform, good_fraction=coverage.good_fraction)
         return result
 
+    # ---- paths of ODE samplers ----
+    def _straightness(self, model, rank: int, world: int) -> dict:
+        """Straightness of ``straightness_paths`` paths of the model's sampling ODE, each from its own noise (chunk
+        ``i`` seeded like the samples' chunk ``i``), integrated by midpoint steps and its field read at every grid
+        time; per-path values are gathered in chunk order, so any number of ranks gives the single-process mean."""
+        spec = self.spec
+        field, t0, t1 = model.sampling_ode()
+        solver = SolverConfig("midpoint", steps=spec.straightness_steps, max_nfe=2 * spec.straightness_steps)
+        times = torch.linspace(t0, t1, spec.straightness_steps + 1, device=model.device)
+        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        chunks = []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for index, length in rank_chunks(spec.straightness_paths, spec.sample_batch_size, rank, world):
+                torch.manual_seed(chunk_seed(spec.seed, index))
+                x0 = torch.randn(length, *model.data_shape, device=model.device)
+                states = integrate(field, x0, solver, times=times).states  # (T, n, *shape)
+                velocities = torch.stack([field(x, t) for x, t in zip(states, times)])
+                per_path = path_straightness(velocities, times)
+                chunks.append((index, torch.stack([per_path.straightness, per_path.kinetic_energy], 1).cpu()))
+        straightness, kinetic = gather_chunks(chunks).mean(0).tolist()
+        return {"straightness": straightness, "straightness_rel": straightness / kinetic if kinetic > 0 else 0.0,
+                "straightness_paths": spec.straightness_paths}
+
     def _bar(self, total: int, description: str, rank: int):
         return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True,
                     disable=not self.spec.progress or rank != 0)
 
 
 # Counts and settings that label other numbers; kept in results, not logged as metrics.
-LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes")
+LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes", "straightness_paths")
 
 
 def metric_names(result: dict) -> dict[str, str]:

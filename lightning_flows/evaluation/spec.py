@@ -28,6 +28,9 @@ class EvaluationSpec:
             50k, the two counts published FIDs use), as ``fid_n<n>``.
         kid_subsets: subsets KID averages over; ``pr_k``: the k of the k-NN precision/recall.
         timing: measure ms/sample (after one warm-up call) and NFE/sample.
+        straightness_paths: families that sample by an ODE (``model.sampling_ode()``): how many paths from
+            noise to measure the straightness of (:func:`lightning_flows.metrics.path_straightness`); 0: none.
+        straightness_steps: midpoint steps of those paths (the field is read at each step's start and end).
         extras: family-specific numbers for the lecture's "key limitation" (VAE posterior gap).
         cache_dir: reference features and classifiers (default ``$LIGHTNING_FLOWS_CACHE``).
         progress: show progress bars on rank zero.
@@ -48,6 +51,8 @@ class EvaluationSpec:
     kid_subsets: int = 100
     pr_k: int = 3
     timing: bool = True
+    straightness_paths: int = 0
+    straightness_steps: int = 50
     extras: bool = True
     cache_dir: str | None = None
     progress: bool = True
@@ -60,6 +65,9 @@ class EvaluationSpec:
             raise ValueError(f"n_samples must be >= 2 and the batch sizes >= 1, got n_samples={self.n_samples}, "
                              f"sample_batch_size={self.sample_batch_size}, "
                              f"likelihood_batch_size={self.likelihood_batch_size}.")
+        if self.straightness_paths < 0 or self.straightness_steps < 1:
+            raise ValueError(f"straightness_paths must be >= 0 (0: not measured) and straightness_steps >= 1, got "
+                             f"{self.straightness_paths} and {self.straightness_steps}.")
         if self.pr_k < 1 or self.kid_subsets < 1:
             raise ValueError(f"pr_k and kid_subsets must be >= 1, got {self.pr_k} and {self.kid_subsets}.")
 

@@ -8,6 +8,7 @@ from lightning_flows.metrics.energy_distance import energy_distance
 from lightning_flows.metrics.fid import frechet_distance, kernel_distance
 from lightning_flows.metrics.mode_coverage import ModeCoverage, mode_coverage
 from lightning_flows.metrics.precision_recall import precision_recall
+from lightning_flows.metrics.straightness import PathStraightness, path_straightness
 
 __all__ = ["bits_per_dim", "energy_distance", "frechet_distance", "kernel_distance", "ModeCoverage", "mode_coverage",
-           "precision_recall"]
+           "precision_recall", "PathStraightness", "path_straightness"]

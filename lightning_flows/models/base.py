@@ -59,6 +59,11 @@ class GenerativeModel(L.LightningModule):
         """``x: (B, *data_shape)`` -> ``(B,)`` log-density in nats (exact or a lower bound)."""
         raise NotImplementedError(f"{type(self).__name__} has likelihood='{self.likelihood}' and no log_prob.")
 
+    def sampling_ode(self) -> tuple[Callable[[Tensor, Tensor], Tensor], float, float] | None:
+        """The ODE ``sample`` integrates from standard-normal noise, as ``(field f(x, t), t0, t1)``; None for a
+        family that does not sample by an ODE. The evaluator measures the straightness of its paths."""
+        return None
+
     @property
     def likelihood_kind(self) -> str:
         """What ``log_prob`` returns: ``exact``, ``bound``, ``estimate`` (an unbiased estimate of the exact

@@ -131,6 +131,9 @@ class CNF(GenerativeModel):
         self.last_sample_nfe = solution.nfe
         return solution.states
 
+    def sampling_ode(self):
+        return self.field, 0.0, 1.0
+
     # Validation and test report the exact NLL (the family's own objective without the training
     # approximations), so val/loss is comparable across runs with different training solvers.
     def _step(self, batch: Tensor, stage: str) -> Tensor:

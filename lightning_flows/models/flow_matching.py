@@ -165,6 +165,9 @@ class FlowMatching(GenerativeModel):
         self.last_sample_nfe = solution.nfe
         return solution.states
 
+    def sampling_ode(self):
+        return self.velocity, 0.0, 1.0
+
     @property
     def likelihood_kind(self) -> str:
         return "estimate" if self.likelihood_divergence == "hutchinson" else "exact"
