@@ -54,6 +54,23 @@ class FlowsCLI(LightningCLI):
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_ckpt_path(self.config[subcommand])
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning (>= 2.5.5) copies a checkpoint's hyperparameters into the model config. Those hold every
+        # data fact the CLI linked, also one the model does not take (FlowMatching has no `data_levels`):
+        # pass on only the facts the model accepts, as loading a checkpoint in Python does.
+        super()._parse_ckpt_path()
+        model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
+        extra = model.get("dict_kwargs") if model is not None and "class_path" in model else None
+        if extra:
+            from lightning_flows.checkpoints import allowed_model_classes
+            from lightning_flows.data.facts import MODEL_DATA_FACTS, accepted_data_facts
+
+            cls = allowed_model_classes().get(str(model.class_path)) or allowed_model_classes().get(
+                str(model.class_path).rpartition(".")[2])
+            accepted = accepted_data_facts(cls) if cls is not None else tuple(MODEL_DATA_FACTS)
+            for name in [k for k in extra if k in MODEL_DATA_FACTS and k not in accepted]:
+                del extra[name]
+
     def before_instantiate_classes(self) -> None:
         # Fail before any work: a run must not train for hours and then find it cannot write its results.
         config = self.config[self.subcommand] if self.subcommand else self.config

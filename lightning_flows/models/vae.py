@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lightning_flows.data.quantisation import bin_centre, bin_index, dequantise, piecewise_constant_log_density
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.models.discretized import categorical_log_prob, discretized_logistic_log_prob
-from lightning_flows.nn.dcgan import ConvDecoder, ConvEncoder, make_mlp
+from lightning_flows.nn.dcgan import ConvDecoder, ConvEncoder, make_mlp, require_image_shape
 
 DecoderScale = Literal["global", "per_dim", "predicted"]
 Decoder = Literal["gaussian", "discretized_logistic", "categorical"]
@@ -86,6 +86,8 @@ class VAE(GenerativeModel):
         self.save_hyperparameters()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'.")
+        if network == "conv":  # the architecture error first: on vector data `network: mlp` comes before the decoder
+            require_image_shape("ConvEncoder", self.data_shape)
         if decoder != "gaussian" and (data_levels is None or data_levels < 2):
             raise ValueError(f"decoder='{decoder}' models the data's quantisation levels, but data_levels="
                              f"{data_levels}. The CLI links it from the DataModule; continuous data (toy2d) has "

@@ -50,6 +50,13 @@ def make_mlp(in_dim: int, out_dim: int, hidden: int = 256, depth: int = 3, activ
     return nn.Sequential(*layers)
 
 
+def require_image_shape(network: str, data_shape: Sequence[int]) -> None:
+    """Raise naming the vector alternative when ``data_shape`` is not an image shape ``(C, H, W)``."""
+    if len(data_shape) != 3:
+        raise ValueError(f"{network} needs images of shape (C, H, W), got {tuple(data_shape)}; "
+                         f"use an MLP (`network: mlp`) for vector data.")
+
+
 class ConvEncoder(nn.Module):
     """``x: (B, C, H, W)`` -> ``(B, out_features)``.
 
@@ -60,9 +67,7 @@ class ConvEncoder(nn.Module):
     def __init__(self, data_shape: Sequence[int], out_features: int, base_channels: int = 32,
                  norm: str = "none", spectral_norm: bool = False, max_channels: int = 256):
         super().__init__()
-        if len(data_shape) != 3:
-            raise ValueError(f"ConvEncoder needs images of shape (C, H, W), got {tuple(data_shape)}; "
-                             f"use an MLP (`network: mlp`) for vector data.")
+        require_image_shape("ConvEncoder", data_shape)
         c, h, w = data_shape
         n_down = downsampling_plan(h, w)
         layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(c, base_channels, 3, padding=1), spectral_norm),
@@ -92,9 +97,7 @@ class ConvDecoder(nn.Module):
     def __init__(self, in_features: int, data_shape: Sequence[int], base_channels: int = 32,
                  out_channels: int | None = None, norm: str = "batch", max_channels: int = 256):
         super().__init__()
-        if len(data_shape) != 3:
-            raise ValueError(f"ConvDecoder needs images of shape (C, H, W), got {tuple(data_shape)}; "
-                             f"use an MLP (`network: mlp`) for vector data.")
+        require_image_shape("ConvDecoder", data_shape)
         c, h, w = data_shape
         n_down = downsampling_plan(h, w)
         widths = [min(base_channels * 2 ** i, max_channels) for i in range(n_down + 1)]
