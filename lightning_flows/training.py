@@ -29,11 +29,11 @@ DESCRIPTION = ("Train, test, sample and benchmark generative models (normalizing
 # One line each in `lightning-flows --help`. `sample` and `benchmark` are dispatched by `cli.main` before
 # LightningCLI parses anything; they are listed here so that the help (and the "invalid choice" error) shows them.
 SUBCOMMAND_HELP = {
-    "fit": "Train a model from a config; everything of the run goes to one run directory.",
-    "validate": "Compute the validation loss of a model (e.g. of a checkpoint: --ckpt_path).",
-    "test": "Test a checkpoint: the test loss and the shared evaluation (likelihood, sample quality, cost).",
+    "fit": "Train a model from a config into one run directory.",
+    "validate": "Validation loss of a model or of a checkpoint.",
+    "test": "Test loss and the shared evaluation of a checkpoint.",
     "sample": "Draw samples from a checkpoint into a PNG.",
-    "benchmark": "Train and evaluate every model of a suite under one budget; write the table.",
+    "benchmark": "Train and evaluate a suite of models; write the table.",
 }
 DISPATCHED_BEFORE_PARSING = ("sample", "benchmark")
 
