@@ -3,6 +3,7 @@
 ``lightning-flows fit|validate|test --config experiments/<dataset>/<family>.yaml`` goes through
 LightningCLI (model and data chosen by class path, every argument overridable from the command
 line); ``sample`` draws from a checkpoint; ``benchmark`` runs a suite and writes the table.
+``lightning-flows --help`` lists all five, and each has its own ``--help``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from lightning_flows.training import FlowsCLI, build_cli
 __all__ = ["FlowsCLI", "build_cli", "main", "sample_main"]
 
 
+def default_sample_path(checkpoint: str | Path, n: int, seed: int) -> Path:
+    """Beside the run's other pictures when ``checkpoint`` is in a run's ``checkpoints/`` directory
+    (``<run dir>/samples/sample_n<n>_seed<seed>.png``), else ``samples.png`` here."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "samples" / f"sample_n{n}_seed{seed}.png"
+    return Path("samples.png")
+
+
 def sample_main(argv: list[str]) -> Path:
     from lightning_flows.checkpoints import load_model_and_data
     from lightning_flows.plotting import save_sample_figure
@@ -24,7 +34,8 @@ def sample_main(argv: list[str]) -> Path:
                                      description="Draw samples from a checkpoint and save them as a PNG.")
     parser.add_argument("--ckpt", required=True, help="path to a .ckpt written by `lightning-flows fit`")
     parser.add_argument("--n", type=int, default=64, help="number of samples")
-    parser.add_argument("--out", default="samples.png", help="output PNG path")
+    parser.add_argument("--out", help="output PNG path (default: <run dir>/samples/sample_n<n>_seed<seed>.png when "
+                                       "the checkpoint is in a run's checkpoints/, else ./samples.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cpu or cuda")
     opts = parser.parse_args(argv)
@@ -34,7 +45,8 @@ def sample_main(argv: list[str]) -> Path:
     model, datamodule = load_model_and_data(opts.ckpt, map_location=opts.device)
     torch.manual_seed(opts.seed)
     samples = model.sample(opts.n)
-    path = save_sample_figure(datamodule.to_pixels(samples), opts.out,
+    out = opts.out or default_sample_path(opts.ckpt, opts.n, opts.seed)
+    path = save_sample_figure(datamodule.to_pixels(samples), out,
                               title=f"{type(model).__name__} on {datamodule.dataset}")
     cost = f", {model.last_sample_nfe} NFE" if model.last_sample_nfe is not None else ""
     print(f"wrote {opts.n} samples to {path}{cost}")

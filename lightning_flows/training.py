@@ -6,20 +6,37 @@ neither imports the other: a benchmark run is exactly the ``lightning-flows fit`
 
 from __future__ import annotations
 
-import warnings
+import copy
 
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import (DistributedReplicas, EvaluationCallback, NonFiniteGuard, PerStepSeed,
                                        SampleGridCallback)
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
+from lightning_flows.callbacks.run_directory import RunDirectoryReport
 from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import link_data_facts
+from lightning_flows.logger_placement import DEFAULT_LOGGER, place_loggers
 from lightning_flows.models import GenerativeModel
 from lightning_flows.run_checks import (
     RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
 )
+from lightning_flows.warning_filters import silence_known_noise
+
+PROG = "lightning-flows"
+DESCRIPTION = ("Train, test, sample and benchmark generative models (normalizing flows, CNFs, flow matching, VAEs, "
+               "GANs, diffusion) from YAML configs: lightning-flows fit --config experiments/toy2d/flow_matching.yaml")
+# One line each in `lightning-flows --help`. `sample` and `benchmark` are dispatched by `cli.main` before
+# LightningCLI parses anything; they are listed here so that the help (and the "invalid choice" error) shows them.
+SUBCOMMAND_HELP = {
+    "fit": "Train a model from a config into one run directory.",
+    "validate": "Validation loss of a model or of a checkpoint.",
+    "test": "Test loss and the shared evaluation of a checkpoint.",
+    "sample": "Draw samples from a checkpoint into a PNG.",
+    "benchmark": "Train and evaluate a suite of models; write the table.",
+}
+DISPATCHED_BEFORE_PARSING = ("sample", "benchmark")
 
 
 class FlowsCLI(LightningCLI):
@@ -41,6 +58,24 @@ class FlowsCLI(LightningCLI):
         # (`--checkpoint.every_n_train_steps`, `--checkpoint.train_time_interval`, ...: any ModelCheckpoint option).
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: these models have no prediction step (sampling is `lightning-flows sample`).
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMAND_HELP}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """LightningCLI's subcommands with our one-line help each, plus the entries of ``sample`` and ``benchmark``."""
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            subparser_kwargs = {"description": SUBCOMMAND_HELP[subcommand], **kwargs.get(subcommand, {})}
+            subcommand_parser = self._prepare_subcommand_parser(self.trainer_class, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            subcommands.add_subcommand(subcommand, subcommand_parser, help=SUBCOMMAND_HELP[subcommand])
+        for name in DISPATCHED_BEFORE_PARSING:
+            subcommands.add_subcommand(name, FlowsArgumentParser(description=SUBCOMMAND_HELP[name]),
+                                       help=SUBCOMMAND_HELP[name])
+
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
         # Errors name the closest valid option / the model families. (Set on the instance rather than
@@ -51,6 +86,8 @@ class FlowsCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand in DISPATCHED_BEFORE_PARSING:
+            parser.error(f"'{subcommand}' takes its own options and must come first: {PROG} {subcommand} --help")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_ckpt_path(self.config[subcommand])
 
@@ -76,6 +113,8 @@ class FlowsCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices_exist(config.trainer.accelerator, config.trainer.devices)
         check_output_dirs_writable(config)
+        # Every logger, the config, checkpoints and sample grids in <root>/<name>/<version or id>/.
+        place_loggers(config)
 
     def instantiate_classes(self) -> None:
         try:
@@ -97,22 +136,40 @@ class FlowsCLI(LightningCLI):
         # takes the ranks it launched down with it.
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
-        config["callbacks"] = [PerStepSeed(), DistributedReplicas(), *listed]
-        return self._instantiate_trainer(config, callbacks)
+        config["callbacks"] = [PerStepSeed(), DistributedReplicas(), RunDirectoryReport(), *listed]
+        trainer = self._instantiate_trainer(config, callbacks)
+        _drop_unset_wandb_arguments(trainer)
+        return trainer
+
+
+def _drop_unset_wandb_arguments(trainer) -> None:
+    """Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init``, which recent wandb versions answer
+    with a deprecation warning on every run although nothing was set; leave the argument out when unset."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(logger, WandbLogger) and isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FlowsCLI:
     """Parse ``args`` (``["fit", "--config", ...]``) and, with ``run``, execute the subcommand."""
-    with warnings.catch_warnings():
-        # Passing `args` while sys.argv holds the outer command (`lightning-flows ...`, `benchmark`) is
-        # intended here; sys.argv must stay as it is, since Lightning's DDP launcher re-runs it per rank.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-        return FlowsCLI(
-            GenerativeModel,
-            GenerativeDataModule,
-            subclass_mode_model=True,
-            args=args,
-            run=run,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"default_root_dir": "runs"},
-        )
+    silence_known_noise()
+    return FlowsCLI(
+        GenerativeModel,
+        GenerativeDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=run,
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "default_root_dir": "runs",
+            # CSV unless the config says otherwise; where it writes is filled in by place_loggers.
+            "logger": copy.deepcopy(DEFAULT_LOGGER),
+            # Every config has >= 11 training batches per epoch; Lightning's 50 would log no training loss
+            # on most of them (and warn about it).
+            "log_every_n_steps": 10,
+        },
+    )

@@ -106,6 +106,12 @@ def _kept_samples(samples: torch.Tensor) -> torch.Tensor:
     return samples[: SAMPLES_KEPT["image" if samples.ndim == 4 else "points"]].detach().cpu()
 
 
+def _evaluation_summary(spec) -> str:
+    parts = [f"likelihood on {spec.likelihood_split}"] if spec.likelihood else []
+    parts += [f"{spec.n_samples} samples"] if spec.quality or spec.timing else []
+    return ", ".join(parts) or "nothing to measure"
+
+
 def run_one(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: str) -> dict | None:
     """Train and evaluate one run; returns its row on rank zero (None elsewhere)."""
     from lightning_flows.callbacks import TrainingTimer
@@ -116,6 +122,7 @@ def run_one(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: st
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     timer = next(c for c in trainer.callbacks if isinstance(c, TrainingTimer))
     evaluator = Evaluator(plan.evaluation)
+    say(f"{plan.name}: evaluating ({_evaluation_summary(plan.evaluation)})")
     with sampling_weights(trainer, model) as weights:
         result = evaluator.evaluate(model, datamodule, weights=weights)
     if trainer.global_rank != 0:

@@ -18,8 +18,9 @@ file and the fix, plus a check that the file belongs to the family being trained
   evaluation weights (EMA when kept), i.e. exactly what ``lightning-flows sample`` would draw;
 * during training it saves every 1000 optimizer steps unless another trigger is given (a step count
   needs no collective; Lightning's ``train_time_interval`` broadcasts rank 0's clock after every batch);
+* checkpoints go to ``<run dir>/checkpoints/`` whatever the logger (:func:`run_dir`);
 * ``--ckpt_path last`` finds the newest ``last.ckpt`` among *all* versions of the experiment
-  (``<save_dir>/<name>/version_*/checkpoints``): a restarted run writes a new version directory.
+  (``<root>/<name>/*/checkpoints``): a restarted run writes a new version directory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,16 +39,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_flows.callbacks.run_directory import experiment_dir, run_dir
 from lightning_flows.callbacks.sample_grid import SampleGridCallback
 
 DEFAULT_EVERY_N_TRAIN_STEPS = 1000
 # Under DDP, how often (in batches) the ranks agree on whether a signal asked them to stop: a tiny
 # all-reduce, but also a host-device sync, so not after every batch.
 STOP_CHECK_EVERY_N_BATCHES = 10
-
-# Lightning warns that with manual optimisation (the GAN) a checkpoint holds the state *after* the
-# batch's optimizer steps. That is exactly what resuming needs, since the batch will not be replayed.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -134,12 +131,25 @@ class RunCheckpoint(ModelCheckpoint):
 
     # ---- atomic, checked checkpoint files for the whole trainer ----
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._dirpath_given:
+            # In the run directory whatever the logger (Lightning's default puts a wandb run's checkpoints
+            # in <save_dir>/<project>/<id>/). Rank zero's choice is broadcast by ModelCheckpoint.setup.
+            self.dirpath = str(run_dir(trainer) / "checkpoints")
         super().setup(trainer, pl_module, stage)
         io = trainer.strategy.checkpoint_io
         if type(io) is TorchCheckpointIO:  # leave a user's own CheckpointIO plugin alone
             io = trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if isinstance(io, AtomicCheckpointIO):
             io.model = pl_module
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.monitor is None and state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            # A resumed or tested run writes to a run directory of its own by design, and without a monitored
+            # metric there is no best-k ranking to carry over: Lightning's "dirpath has changed ... won't be
+            # reloaded" warning would be noise. What it does reload, it reloads here too.
+            self.best_model_path = state_dict["best_model_path"]
+            return
+        super().load_state_dict(state_dict)
 
     # ---- last.ckpt on every stop ----
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -244,14 +254,10 @@ class RunCheckpoint(ModelCheckpoint):
         """This run's checkpoint directory first, then those of the experiment's other versions."""
         if self._dirpath_given:
             return [str(self.dirpath)]
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            own = root / version / "checkpoints"
-            others = sorted(str(p) for p in root.glob("*/checkpoints") if p != own)
-            return [str(own), *others]
-        return [os.path.join(trainer.default_root_dir, "checkpoints")]
+        own = run_dir(trainer) / "checkpoints"
+        experiment = experiment_dir(trainer)
+        others = sorted(str(p) for p in experiment.glob("*/checkpoints") if p != own) if experiment else []
+        return [str(own), *others]
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         found = set()

@@ -6,23 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from lightning_flows.callbacks.run_directory import run_dir
 from lightning_flows.plotting import save_sample_figure
 
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run: the logger's version directory, else the trainer's root.
-
-    Computed locally: ``trainer.log_dir`` broadcasts from rank 0 under DDP, a collective that would
-    hang (or pair with another rank's unrelated collective) when called on rank 0 alone.
-    """
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        directory = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-    else:
-        directory = None
-    return Path(directory or trainer.default_root_dir)
+__all__ = ["SampleGridCallback", "run_dir"]
 
 
 class SampleGridCallback(L.Callback):

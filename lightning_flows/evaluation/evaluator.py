@@ -9,11 +9,14 @@ ends with the same values (identical to a single process on the same samples).
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, TQDMProgressBar
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lightning_flows.data.toy2d import TOY_MODES
 from lightning_flows.evaluation.likelihood import split_likelihood
@@ -26,6 +29,7 @@ from lightning_flows.metrics.classifier import default_cache_dir
 from lightning_flows.metrics.distributed import rank_and_world
 from lightning_flows.metrics.sampling_cost import SamplingCost
 from lightning_flows.ode import SolverConfig, integrate
+from lightning_flows.ode.solve import observe_field_evaluations
 
 # What each key of a result means (the table, results.json and loggers use these names).
 KEYS = {
@@ -95,8 +99,11 @@ class Evaluator:
     def _likelihood(self, model, datamodule, split: str, limit: int | None, rank: int, world: int) -> dict:
         data = datamodule.split(split)
         data = data[:limit] if limit else data
-        with self._bar(len(data), f"likelihood ({split})", rank) as bar:
-            outcome = split_likelihood(model, data, self.spec.likelihood_batch_size, self.spec.seed, rank, world,
+        batch_size = self.spec.likelihood_batch_size
+        # This rank's examples (split_likelihood deals batches round-robin): what its bar counts to.
+        share = sum(min(batch_size, len(data) - i) for i in range(rank * batch_size, len(data), world * batch_size))
+        with self._bar(share, f"likelihood ({split})", rank, world) as bar:
+            outcome = split_likelihood(model, data, batch_size, self.spec.seed, rank, world,
                                        extras=self.spec.extras, progress=bar)
         if not outcome.nll:
             return {}
@@ -119,7 +126,8 @@ class Evaluator:
         if spec.timing:
             warm_up(model, min(spec.sample_batch_size, 16))
         cost = SamplingCost()
-        with self._bar(spec.n_samples, "sampling", rank) as bar:
+        share = sum(length for _, length in rank_chunks(spec.n_samples, spec.sample_batch_size, rank, world))
+        with self._bar(share, "sampling", rank, world) as bar:
             chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
                                      progress=bar)
         self.last_rank_samples = sum(len(x) for _, x in chunks)
@@ -145,8 +153,9 @@ class Evaluator:
                                               spec.feature_extractor_weights_path, self.cache_dir, rank, device)
         extractor = self._extractor.to(device)
         reference, floor = self._reference_and_floor(datamodule, device, rank, world)
-        fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device))
-                       for i, x in chunks]
+        with self._bar(sum(len(x) for _, x in chunks), "features (samples)", rank, world) as bar:
+            fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device,
+                                                progress=bar)) for i, x in chunks]
         self.last_samples = gather_chunks(chunks)
         fake = gather_chunks(fake_chunks)
         kid, kid_std = kernel_distance(reference, fake, spec.kid_subsets, seed=spec.seed)
@@ -164,7 +173,9 @@ class Evaluator:
         key = (datamodule.dataset, datamodule.seed, self.spec.reference_split)
         if key not in self._reference:
             extract = lambda split: reference_features(self._extractor, datamodule, split, self.cache_dir,  # noqa
-                                                       rank, world, device, self.spec.sample_batch_size)
+                                                       rank, world, device, self.spec.sample_batch_size,
+                                                       progress=lambda n: self._bar(n, f"features ({split})", rank,
+                                                                                    world))
             reference = extract(self.spec.reference_split)
             floor = extract(floor_split_for(self.spec.reference_split))[: self.spec.n_samples]
             self._reference[key] = (reference, floor)
@@ -214,9 +225,31 @@ class Evaluator:
         return {"straightness": straightness, "straightness_rel": straightness / kinetic if kinetic > 0 else 0.0,
                 "straightness_paths": spec.straightness_paths}
 
-    def _bar(self, total: int, description: str, rank: int):
-        return tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True,
-                    disable=not self.spec.progress or rank != 0)
+    @contextmanager
+    def _bar(self, total: int, description: str, rank: int, world: int):
+        """A progress bar in the style of Lightning's (rank zero only; ``spec.progress``) over this rank's
+        ``total`` examples. Its postfix counts the ODE evaluations made so far, so a long solve over one
+        batch (an exact likelihood, a CNF's samples) is seen advancing too."""
+        disabled = not self.spec.progress or rank != 0
+        if world > 1:
+            description = f"{description}, rank 0 of {world}"
+        bar = Tqdm(total=total, desc=description, unit="ex", leave=False, dynamic_ncols=True, file=sys.stdout,
+                   bar_format=TQDMProgressBar.BAR_FORMAT, disable=disabled)
+        if disabled:
+            with bar:
+                yield bar
+            return
+        evaluations, last_shown = 0, time.monotonic()
+
+        def count_evaluation() -> None:
+            nonlocal evaluations, last_shown
+            evaluations += 1
+            if time.monotonic() - last_shown >= 0.5:
+                last_shown = time.monotonic()
+                bar.set_postfix_str(f"nfe={evaluations}")
+
+        with bar, observe_field_evaluations(count_evaluation):
+            yield bar
 
 
 # Counts and settings that label other numbers; kept in results, not logged as metrics.

@@ -52,12 +52,17 @@ def build_extractor(name: str, dataset: str, weights_path: str | None, cache_dir
     return (extractor if rank == 0 else build()).to(device)
 
 
-def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU."""
+def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.device, progress=None) -> Tensor:
+    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU. ``progress``: an optional
+    tqdm bar advanced by the examples done."""
     if len(pixels) == 0:
         return torch.zeros(0, extractor.num_features)
-    return torch.cat([extractor(pixels[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(pixels), batch_size)])
+    features = []
+    for i in range(0, len(pixels), batch_size):
+        features.append(extractor(pixels[i:i + batch_size].to(device)).float().cpu())
+        if progress is not None:
+            progress.update(len(features[-1]))
+    return torch.cat(features)
 
 
 def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:
@@ -83,15 +88,24 @@ def _load_valid(path: Path, expected_rows: int) -> Tensor | None:
 
 
 def reference_features(extractor, datamodule, split: str, cache_dir: Path, rank: int, world: int,
-                       device: torch.device, batch_size: int = 500) -> Tensor:
-    """Features of the whole real split ``split``: ``(N, F)`` float32, on every rank (a collective)."""
+                       device: torch.device, batch_size: int = 500, progress=None) -> Tensor:
+    """Features of the whole real split ``split``: ``(N, F)`` float32, on every rank (a collective).
+
+    ``progress``: optional ``total -> context manager yielding a tqdm bar``, used when the features are computed
+    (not when they come from the cache); a split of 50,000 images through Inception takes a while.
+    """
     pixels = real_pixels(datamodule, split)
     path = reference_cache_path(cache_dir, datamodule, split, extractor)
     cached = _load_valid(path, len(pixels))
     # Decide together: a rank that missed the cache while another hit it would reach other collectives.
     if all_ranks_agree(cached is not None, device):
         return cached
-    local = extract_features(extractor, pixels[rank::world], batch_size, device)
+    mine = pixels[rank::world]
+    if progress is None:
+        local = extract_features(extractor, mine, batch_size, device)
+    else:
+        with progress(len(mine)) as bar:
+            local = extract_features(extractor, mine, batch_size, device, progress=bar)
     features = torch.empty(len(pixels), local.shape[1])
     for r, part in enumerate(gather_objects(local)):
         features[r::world] = part

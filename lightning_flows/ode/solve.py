@@ -12,8 +12,9 @@ also what bounds memory.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field as dataclass_field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,21 @@ def as_solver_config(config: SolverConfig | dict | None) -> SolverConfig:
     return config if isinstance(config, SolverConfig) else SolverConfig(**config)
 
 
+# Called after every field evaluation of every solve of this process, e.g. by the evaluator's progress bars
+# (a solve over a whole evaluation batch can take minutes, and its evaluations are what show it advancing).
+_EVALUATION_OBSERVERS: list[Callable[[], None]] = []
+
+
+@contextmanager
+def observe_field_evaluations(observer: Callable[[], None]) -> Iterator[None]:
+    """Call ``observer()`` after each ODE field evaluation made inside the block."""
+    _EVALUATION_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _EVALUATION_OBSERVERS.remove(observer)
+
+
 class CountedField(nn.Module):
     """Adapts ``f(x, t)`` to torchdiffeq's ``func(t, y)``, counting and capping evaluations.
 
@@ -140,7 +156,10 @@ class CountedField(nn.Module):
                 f"max_nfe), loosen rtol/atol, use fewer fixed steps, or regularise the field (e.g. "
                 f"kinetic_weight / jacobian_weight of a CNF) so that it is less stiff."
             )
-        return self.field(y, t)
+        velocity = self.field(y, t)
+        for observer in _EVALUATION_OBSERVERS:
+            observer()
+        return velocity
 
 
 def time_grid(config: SolverConfig, t0: Tensor | float, t1: Tensor | float) -> Tensor:
