@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
-                                   InvertibleConv1x1, MLPConditioner, Squeeze, Unsqueeze,
-                                   channel_mask, vector_mask)
+from lightning_flows.flows import (ActNorm, Bijection, FactorOut, FlowSequence, InvertibleConv1x1, Squeeze,
+                                   Unsqueeze, channel_mask, vector_mask)
 from lightning_flows.models.realnvp import ExactFlowModel
 
 
@@ -28,7 +27,9 @@ class Glow(ExactFlowModel):
             divisible by ``2**levels``).
         steps: flow steps per level ``K`` (vectors: total steps).
         hidden, depth, activation: coupling network width, hidden layers, activation.
-        scale_bound: ``|s| <= scale_bound`` in every coupling (stability).
+        coupling: ``affine`` (Glow's) or ``spline`` (rational-quadratic, Durkan et al. 2019).
+        scale_bound: ``|s| <= scale_bound`` in every affine coupling (stability).
+        spline_bins, spline_bound: spline couplings' bins ``K`` and interval ``[-B, B]`` (identity outside).
         learned_prior: condition each factored-out half on the kept half (Glow's split prior).
         preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
         logit_alpha: the logit's boundary margin.
@@ -36,25 +37,30 @@ class Glow(ExactFlowModel):
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
                  steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
-                 scale_bound: float = 2.0, learned_prior: bool = True, preprocess: str = "auto",
-                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
+                 coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8, spline_bound: float = 3.0,
+                 learned_prior: bool = True, preprocess: str = "auto", logit_alpha: float = 0.05, lr: float = 1e-3,
+                 weight_decay: float = 0.0):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
+        self._init_glow(architecture, levels, steps, hidden, depth, activation, coupling, scale_bound, spline_bins,
+                        spline_bound, learned_prior, preprocess, logit_alpha)
+
+    def _init_glow(self, architecture: str, levels: int, steps: int, hidden: int, depth: int, activation: str,
+                   coupling: str, scale_bound: float, spline_bins: int, spline_bound: float, learned_prior: bool,
+                   preprocess: str, logit_alpha: float) -> None:
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = scale_bound, learned_prior
+        self._set_coupling(coupling, spline_bins, spline_bound)
         self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
-            conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)
-            layers += [ActNorm(dim), InvertibleConv1x1(dim),
-                       AffineCoupling(vector_mask(dim, i), conditioner, self.scale_bound)]
+            layers += [ActNorm(dim), InvertibleConv1x1(dim), self._coupling_layer(vector_mask(dim, i))]
         return layers
 
-    def _conv_coupling(self, shape: tuple[int, int, int], parity: int) -> AffineCoupling:
-        conditioner = ConvConditioner(shape[0], self.hidden, self.depth - 1, self.activation)
-        return AffineCoupling(channel_mask(shape, parity), conditioner, self.scale_bound)
+    def _conv_coupling(self, shape: tuple[int, int, int], parity: int, kind: str = "") -> Bijection:
+        return self._coupling_layer(channel_mask(shape, parity), kind)
 
     def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:
         c, h, w = shape
@@ -68,7 +74,8 @@ class Glow(ExactFlowModel):
         if levels > 1:
             if self.learned_prior:
                 # Transforms the factored-out half (mask keeps the first half) given the kept half.
-                layers.append(self._conv_coupling(squeezed, 0))
+                # Affine whatever the steps use: it is exactly the conditional Gaussian N(mu(h), sigma(h)).
+                layers.append(self._conv_coupling(squeezed, 0, kind="affine"))
             inner = self._level((2 * c, h // 2, w // 2), levels - 1, steps)
             layers.append(FactorOut(inner, keep=2 * c))
         layers.append(Unsqueeze())
