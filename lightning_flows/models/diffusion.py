@@ -161,8 +161,9 @@ class Diffusion(GenerativeModel):
                  reverse_variance: Literal["posterior", "beta"] = "beta",
                  sampler: Literal["ancestral", "ddim"] = "ancestral", sample_steps: int = 50,
                  ddim_eta: float = 0.0, clip_denoised: bool | None = None, bound_timesteps: int | None = None,
-                 bound_chunk: int = 8, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 bound_chunk: int = 8, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         if reverse_variance not in ("posterior", "beta"):
             raise ValueError(f"reverse_variance must be 'posterior' or 'beta', got '{reverse_variance}'.")

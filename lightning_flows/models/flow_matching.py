@@ -47,9 +47,10 @@ class FlowMatching(GenerativeModel):
     def __init__(self, data_shape: Sequence[int] = (2,), backbone: str = "auto", hidden: int = 256,
                  depth: int = 3, activation: str = "silu", base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), sampler: SolverConfig | dict | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0,
                  likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact"):
-        super().__init__(data_shape, lr, weight_decay)
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.sampler = as_solver_config(sampler)
         self.likelihood_solver = as_solver_config(

@@ -17,41 +17,14 @@ from lightning_flows.flows import (ActNorm, Bijection, FactorOut, FlowSequence, 
 from lightning_flows.models.realnvp import ExactFlowModel
 
 
-class Glow(ExactFlowModel):
-    """Glow for vectors or images.
+class GlowSteps(ExactFlowModel):
+    """Glow's architecture for the coupling a subclass configures (:class:`Glow`: affine, :class:`NSF`: spline).
 
-    Args:
-        data_shape: one example's shape (linked from the DataModule by the CLI).
-        architecture: ``auto`` (multiscale for images, mlp for vectors), ``mlp`` or ``multiscale``.
-        levels: multi-scale levels ``L`` (images only; every level squeezes, so H and W must be
-            divisible by ``2**levels``).
-        steps: flow steps per level ``K`` (vectors: total steps).
-        hidden, depth, activation: coupling network width, hidden layers, activation.
-        coupling: ``affine`` (Glow's) or ``spline`` (rational-quadratic, Durkan et al. 2019).
-        scale_bound: ``|s| <= scale_bound`` in every affine coupling (stability).
-        spline_bins, spline_bound: spline couplings' bins ``K`` and interval ``[-B, B]`` (identity outside).
-        learned_prior: condition each factored-out half on the kept half (Glow's split prior).
-        preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
-        logit_alpha: the logit's boundary margin.
+    Subclasses set ``hidden, depth, activation, scale_bound, learned_prior``, call ``_set_coupling``
+    and then ``_build_flow``.
     """
 
-    def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
-                 steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
-                 coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8, spline_bound: float = 3.0,
-                 learned_prior: bool = True, preprocess: str = "auto", logit_alpha: float = 0.05, lr: float = 1e-3,
-                 weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
-        self.save_hyperparameters()
-        self._init_glow(architecture, levels, steps, hidden, depth, activation, coupling, scale_bound, spline_bins,
-                        spline_bound, learned_prior, preprocess, logit_alpha)
-
-    def _init_glow(self, architecture: str, levels: int, steps: int, hidden: int, depth: int, activation: str,
-                   coupling: str, scale_bound: float, spline_bins: int, spline_bound: float, learned_prior: bool,
-                   preprocess: str, logit_alpha: float) -> None:
-        self.hidden, self.depth, self.activation = hidden, depth, activation
-        self.scale_bound, self.learned_prior = scale_bound, learned_prior
-        self._set_coupling(coupling, spline_bins, spline_bound)
-        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
+    learned_prior: bool
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
@@ -80,3 +53,35 @@ class Glow(ExactFlowModel):
             layers.append(FactorOut(inner, keep=2 * c))
         layers.append(Unsqueeze())
         return FlowSequence(layers)
+
+
+class Glow(GlowSteps):
+    """Glow for vectors or images.
+
+    Args:
+        data_shape: one example's shape (linked from the DataModule by the CLI).
+        architecture: ``auto`` (multiscale for images, mlp for vectors), ``mlp`` or ``multiscale``.
+        levels: multi-scale levels ``L`` (images only; every level squeezes, so H and W must be
+            divisible by ``2**levels``).
+        steps: flow steps per level ``K`` (vectors: total steps).
+        hidden, depth, activation: coupling network width, hidden layers, activation.
+        coupling: ``affine`` (Glow's) or ``spline`` (rational-quadratic, Durkan et al. 2019).
+        scale_bound: ``|s| <= scale_bound`` in every affine coupling (stability).
+        spline_bins, spline_bound: spline couplings' bins ``K`` and interval ``[-B, B]`` (identity outside).
+        learned_prior: condition each factored-out half on the kept half (Glow's split prior).
+        preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
+        logit_alpha: the logit's boundary margin.
+    """
+
+    def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
+                 steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
+                 coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8, spline_bound: float = 3.0,
+                 learned_prior: bool = True, preprocess: str = "auto", logit_alpha: float = 0.05, lr: float = 1e-3,
+                 weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
+        self.save_hyperparameters()
+        self.hidden, self.depth, self.activation = hidden, depth, activation
+        self.scale_bound, self.learned_prior = scale_bound, learned_prior
+        self._set_coupling(coupling, spline_bins, spline_bound)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)

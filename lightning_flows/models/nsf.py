@@ -3,18 +3,17 @@
 Each step is ActNorm -> an invertible linear map (LU-parameterised; Glow's 1x1 convolution for images)
 -> a monotonic rational-quadratic spline coupling (:class:`lightning_flows.flows.SplineCoupling`), on
 vectors (MLP conditioners) or on images (conv conditioners, Glow's multi-scale levels). It is
-:class:`Glow` with ``coupling="spline"``, named as its own family so that tables and checkpoints say NSF.
+:class:`Glow`'s architecture with ``coupling="spline"``, its own family so that tables and checkpoints say NSF.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from lightning_flows.models.glow import Glow
-from lightning_flows.models.realnvp import ExactFlowModel
+from lightning_flows.models.glow import GlowSteps
 
 
-class NSF(Glow):
+class NSF(GlowSteps):
     """Neural spline flow for vectors or images.
 
     Args:
@@ -33,9 +32,11 @@ class NSF(Glow):
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
                  steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu", spline_bins: int = 8,
                  spline_bound: float = 3.0, learned_prior: bool = True, preprocess: str = "auto",
-                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
-        # Glow's __init__ would record Glow's arguments (``coupling``...) as this class's hyperparameters.
-        ExactFlowModel.__init__(self, data_shape, lr, weight_decay)
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
-        self._init_glow(architecture, levels, steps, hidden, depth, activation, "spline", 2.0, spline_bins,
-                        spline_bound, learned_prior, preprocess, logit_alpha)
+        self.hidden, self.depth, self.activation = hidden, depth, activation
+        self.scale_bound, self.learned_prior = 2.0, learned_prior  # scale_bound: the affine split prior's
+        self._set_coupling("spline", spline_bins, spline_bound)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)

@@ -159,8 +159,9 @@ class RealNVP(ExactFlowModel):
                  steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
                  coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8,
                  spline_bound: float = 3.0, actnorm: bool = True, preprocess: str = "auto",
-                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.use_actnorm = scale_bound, actnorm
