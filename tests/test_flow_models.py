@@ -21,6 +21,8 @@ CASES = {
     "glow_flattened_image": (Glow, (1, 4, 4), dict(architecture="mlp")),
     "nsf_vector": (NSF, (3,), dict(spline_bins=4)),
     "nsf_multiscale": (NSF, (1, 4, 4), dict(levels=2, spline_bins=4, spline_bound=1.5)),
+    "nsf_vector_plain": (NSF, (3,), dict(actnorm=False, invertible_linear=False)),
+    "nsf_multiscale_plain": (NSF, (1, 4, 4), dict(levels=2, spline_bins=4, actnorm=False, invertible_linear=False)),
     "realnvp_spline_vector": (RealNVP, (3,), dict(coupling="spline", spline_bins=5)),
     "realnvp_spline_multiscale": (RealNVP, (1, 4, 4), dict(coupling="spline", spline_bins=3)),
 }
@@ -55,7 +57,7 @@ def test_model_inverts_both_ways(name):
 
 
 @pytest.mark.parametrize("name", ["realnvp_multiscale", "glow_multiscale", "glow_vector", "nsf_vector",
-                                  "nsf_multiscale", "realnvp_spline_multiscale"])
+                                  "nsf_multiscale", "nsf_multiscale_plain", "realnvp_spline_multiscale"])
 def test_model_log_det_matches_autograd_jacobian_and_log_prob_is_change_of_variables(name):
     model, shape = build(name, seed=3)
     x = random_examples(shape, 2, seed=5)

@@ -20,16 +20,25 @@ from lightning_flows.models.realnvp import ExactFlowModel
 class GlowSteps(ExactFlowModel):
     """Glow's architecture for the coupling a subclass configures (:class:`Glow`: affine, :class:`NSF`: spline).
 
-    Subclasses set ``hidden, depth, activation, scale_bound, learned_prior``, call ``_set_coupling``
-    and then ``_build_flow``.
+    A step is ``[ActNorm] -> [invertible linear map] -> coupling``; both optional parts are on in Glow.
+    Subclasses set ``hidden, depth, activation, scale_bound, learned_prior`` (and may switch the optional
+    parts off), call ``_set_coupling`` and then ``_build_flow``.
     """
 
     learned_prior: bool
+    use_actnorm: bool = True
+    use_invertible_linear: bool = True
+
+    def _flow_step(self, channels: int, coupling: Bijection) -> list[Bijection]:
+        layers: list[Bijection] = [ActNorm(channels)] if self.use_actnorm else []
+        if self.use_invertible_linear:
+            layers.append(InvertibleConv1x1(channels))
+        return [*layers, coupling]
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
-            layers += [ActNorm(dim), InvertibleConv1x1(dim), self._coupling_layer(vector_mask(dim, i))]
+            layers += self._flow_step(dim, self._coupling_layer(vector_mask(dim, i)))
         return layers
 
     def _conv_coupling(self, shape: tuple[int, int, int], parity: int, kind: str = "") -> Bijection:
@@ -43,7 +52,7 @@ class GlowSteps(ExactFlowModel):
         squeezed = (4 * c, h // 2, w // 2)
         layers: list[Bijection] = [Squeeze()]
         for i in range(steps):
-            layers += [ActNorm(4 * c), InvertibleConv1x1(4 * c), self._conv_coupling(squeezed, i % 2)]
+            layers += self._flow_step(4 * c, self._conv_coupling(squeezed, i % 2))
         if levels > 1:
             if self.learned_prior:
                 # Transforms the factored-out half (mask keeps the first half) given the kept half.
