@@ -1,4 +1,4 @@
-"""Test bits/dim of RealNVP and Glow on 8x8 digits within a quick CPU budget.
+"""Test bits/dim of RealNVP, Glow and NSF on 8x8 digits within a quick CPU budget.
 
     python experiments/benchmarks/flows_digits.py [--seconds 120]
 
@@ -24,10 +24,10 @@ import yaml
 
 from lightning_flows.callbacks import NonFiniteGuard
 from lightning_flows.data import GenerativeDataModule
-from lightning_flows.models import Glow, RealNVP
+from lightning_flows.models import NSF, Glow, RealNVP
 
 CONFIGS = Path(__file__).resolve().parents[1] / "digits"
-FAMILIES = {"realnvp": RealNVP, "glow": Glow}
+FAMILIES = {"realnvp": RealNVP, "glow": Glow, "nsf": NSF}
 
 
 def test_bits_per_dim(model, datamodule: GenerativeDataModule) -> float:
