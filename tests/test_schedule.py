@@ -123,3 +123,30 @@ def test_bad_recipe_names_the_choices():
         TinyModel(lr_schedule="step")
     with pytest.raises(ValueError, match="warmup_steps"):
         TinyModel(warmup_steps=-1)
+
+
+@pytest.mark.timeout(300)
+def test_time_budgeted_cosine_and_ema_agree_across_two_ddp_ranks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).with_name("ddp_schedule_probe.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(probe), str(tmp_path), "4"], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] > 5
+    # The time fraction is rank 0's on both ranks, so the rates are bit-identical...
+    assert rank0["rates"] == rank1["rates"]
+    # ...they follow warm-up then a decay driven by time alone (no step or epoch limit was set)...
+    rates = rank0["rates"]
+    assert rates[0] == pytest.approx(0.5e-3) and max(rates) <= 1e-3
+    assert rates[-1] < 0.5 * max(rates)
+    # ...and the replicas (weights and their EMA) never drift apart.
+    for name, weight in rank0["state_dict"].items():
+        assert torch.equal(weight, rank1["state_dict"][name]), name
+    for name, value in rank0["ema"].items():
+        assert torch.equal(value, rank1["ema"][name]), name

@@ -49,13 +49,19 @@ def step_budget(trainer: L.Trainer, optimizer_steps_per_batch: int = 1) -> float
 
 
 def time_fraction(trainer: L.Trainer) -> float | None:
-    """Fraction of ``max_time`` spent training so far, or None without a time limit."""
+    """Fraction of ``max_time`` spent training so far, or None without a time limit.
+
+    Under DDP every rank takes rank 0's value: clocks differ by milliseconds, and ranks that stepped
+    with different learning rates would drift apart (Lightning's Timer broadcasts its stop decision
+    for the same reason).
+    """
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
     if remaining is None:
         return None
     elapsed = timer.time_elapsed()
-    return elapsed / max(elapsed + remaining, 1e-9)
+    fraction = elapsed / max(elapsed + remaining, 1e-9)
+    return trainer.strategy.broadcast(fraction, src=0) if trainer.world_size > 1 else fraction
 
 
 def budget_progress(trainer: L.Trainer, step: int, optimizer_steps_per_batch: int = 1) -> float:
