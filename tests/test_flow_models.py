@@ -146,3 +146,13 @@ def test_cli_fit_on_digits_logs_bpd_and_checkpoint_keeps_actnorm_initialised(tmp
     flags = [v for k, v in model.state_dict().items() if k.endswith("initialized")]
     assert flags and all(bool(f) for f in flags)
     assert torch.isfinite(model.log_prob(datamodule.split("test")[:8])).all()
+
+
+@pytest.mark.parametrize("config", ["experiments/toy2d/realnvp.yaml", "experiments/toy2d/glow.yaml",
+                                    "experiments/toy2d/nsf.yaml", "experiments/mnist5k/nsf.yaml"])
+def test_flow_configs_fit_and_score_finite_likelihoods(config, tmp_path, tiny_fit):
+    cli = tiny_fit(config, tmp_path, "--model.init_args.steps", "1", "--model.init_args.hidden", "8")
+    assert cli.trainer.global_step == 2
+    nll = cli.trainer.callback_metrics["val/nll"]
+    assert torch.isfinite(nll)
+    assert cli.model.lr_schedule == ("cosine" if "toy2d" in config else "constant")

@@ -81,12 +81,12 @@ def test_progress_follows_the_time_budget_and_a_run_without_budget_is_refused():
     timer = Timer(duration={"seconds": 90})
     timer.time_elapsed = lambda stage="train": 30.0
     timer.time_remaining = lambda stage="train": 60.0
-    no_step_limit = SimpleNamespace(estimated_stepping_batches=math.inf, max_steps=-1, callbacks=[timer])
+    no_step_limit = SimpleNamespace(estimated_stepping_batches=math.inf, max_steps=-1, callbacks=[timer], world_size=1)
     assert budget_progress(no_step_limit, step=5) == pytest.approx(1 / 3)
     # Whichever budget binds first sets the pace: 900 of 1000 steps beats a third of the time.
-    step_limit = SimpleNamespace(estimated_stepping_batches=1000, max_steps=1000, callbacks=[timer])
+    step_limit = SimpleNamespace(estimated_stepping_batches=1000, max_steps=1000, callbacks=[timer], world_size=1)
     assert budget_progress(step_limit, step=900) == pytest.approx(0.9)
-    unbounded = SimpleNamespace(estimated_stepping_batches=math.inf, max_steps=-1, callbacks=[])
+    unbounded = SimpleNamespace(estimated_stepping_batches=math.inf, max_steps=-1, callbacks=[], world_size=1)
     with pytest.raises(ValueError, match="max_time"):
         budget_progress(unbounded, step=0)
 
