@@ -1,4 +1,4 @@
-"""RealNVP and Glow as whole models: exact inverses, exact log-densities, sampling, the CLI."""
+"""RealNVP, Glow and NSF as whole models: exact inverses, exact log-densities, sampling, the CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_flows.cli import main
-from lightning_flows.models import Glow, RealNVP
+from lightning_flows.models import NSF, Glow, RealNVP
 
 SMALL = dict(steps=2, hidden=8, depth=2)
 CASES = {
@@ -19,6 +19,12 @@ CASES = {
     "glow_multiscale": (Glow, (1, 4, 4), dict(levels=2)),
     "realnvp_flattened_image": (RealNVP, (1, 4, 4), dict(architecture="mlp")),
     "glow_flattened_image": (Glow, (1, 4, 4), dict(architecture="mlp")),
+    "nsf_vector": (NSF, (3,), dict(spline_bins=4)),
+    "nsf_multiscale": (NSF, (1, 4, 4), dict(levels=2, spline_bins=4, spline_bound=1.5)),
+    "nsf_vector_plain": (NSF, (3,), dict(actnorm=False, invertible_linear=False)),
+    "nsf_multiscale_plain": (NSF, (1, 4, 4), dict(levels=2, spline_bins=4, actnorm=False, invertible_linear=False)),
+    "realnvp_spline_vector": (RealNVP, (3,), dict(coupling="spline", spline_bins=5)),
+    "realnvp_spline_multiscale": (RealNVP, (1, 4, 4), dict(coupling="spline", spline_bins=3)),
 }
 
 
@@ -50,7 +56,8 @@ def test_model_inverts_both_ways(name):
     assert torch.allclose(model.flow(model.flow.inverse(z2))[0], z2, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["realnvp_multiscale", "glow_multiscale", "glow_vector"])
+@pytest.mark.parametrize("name", ["realnvp_multiscale", "glow_multiscale", "glow_vector", "nsf_vector",
+                                  "nsf_multiscale", "nsf_multiscale_plain", "realnvp_spline_multiscale"])
 def test_model_log_det_matches_autograd_jacobian_and_log_prob_is_change_of_variables(name):
     model, shape = build(name, seed=3)
     x = random_examples(shape, 2, seed=5)
@@ -64,7 +71,7 @@ def test_model_log_det_matches_autograd_jacobian_and_log_prob_is_change_of_varia
     assert model.likelihood == "exact"
 
 
-@pytest.mark.parametrize("cls", [RealNVP, Glow])
+@pytest.mark.parametrize("cls", [RealNVP, Glow, NSF])
 def test_2d_density_integrates_to_one(cls):
     torch.manual_seed(0)
     model = cls(data_shape=(2,), steps=3, hidden=16).double()
@@ -99,6 +106,24 @@ def test_bad_configurations_name_the_fix():
         RealNVP(data_shape=(2,), architecture="convolutional")
     with pytest.raises(ValueError, match="architecture='mlp' for vectors"):
         RealNVP(data_shape=(2,), architecture="multiscale")
+    with pytest.raises(ValueError, match="affine, spline"):
+        Glow(data_shape=(2,), coupling="cubic")
+    with pytest.raises(ValueError, match="spline_bins >= 2"):
+        RealNVP(data_shape=(2,), coupling="spline", spline_bins=1)
+
+
+def test_nsf_checkpoint_rebuilds_an_nsf_with_spline_couplings(tmp_path):
+    from lightning_flows.checkpoints import load_model_and_data
+    from lightning_flows.flows import SplineCoupling
+
+    main(["fit", "--config", "experiments/toy2d/nsf.yaml", "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.check_val_every_n_epoch", "1", "--sample_grid.n", "4", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    checkpoint = glob.glob(f"{tmp_path}/**/checkpoints/*.ckpt", recursive=True)[0]
+    model, datamodule = load_model_and_data(checkpoint)
+    assert type(model) is NSF and any(isinstance(m, SplineCoupling) for m in model.modules())
+    assert torch.isfinite(model.log_prob(datamodule.split("test")[:8])).all()
 
 
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
@@ -106,7 +131,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
         "--sample_grid.n", "4", "--trainer.log_every_n_steps", "1"]
 
 
-@pytest.mark.parametrize("family", ["realnvp", "glow"])
+@pytest.mark.parametrize("family", ["realnvp", "glow", "nsf"])
 def test_cli_fit_on_digits_logs_bpd_and_checkpoint_keeps_actnorm_initialised(tmp_path, fit_args, family):
     from lightning_flows.checkpoints import load_model_and_data
 
@@ -121,3 +146,13 @@ def test_cli_fit_on_digits_logs_bpd_and_checkpoint_keeps_actnorm_initialised(tmp
     flags = [v for k, v in model.state_dict().items() if k.endswith("initialized")]
     assert flags and all(bool(f) for f in flags)
     assert torch.isfinite(model.log_prob(datamodule.split("test")[:8])).all()
+
+
+@pytest.mark.parametrize("config", ["experiments/toy2d/realnvp.yaml", "experiments/toy2d/glow.yaml",
+                                    "experiments/toy2d/nsf.yaml", "experiments/mnist5k/nsf.yaml"])
+def test_flow_configs_fit_and_score_finite_likelihoods(config, tmp_path, tiny_fit):
+    cli = tiny_fit(config, tmp_path, "--model.init_args.steps", "1", "--model.init_args.hidden", "8")
+    assert cli.trainer.global_step == 2
+    nll = cli.trainer.callback_metrics["val/nll"]
+    assert torch.isfinite(nll)
+    assert cli.model.lr_schedule == ("cosine" if "toy2d" in config else "constant")

@@ -20,16 +20,17 @@ from lightning_flows.nn.mlp import make_activation
 
 
 class MLPConditioner(nn.Module):
-    """``(B, D) -> (B, 2D)``: raw scale and shift for vector data."""
+    """``(B, D) -> (B, P*D)``: ``P`` raw numbers per coordinate (affine: scale and shift, ``P = 2``)."""
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 2, activation: str = "silu"):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 2, activation: str = "silu",
+                 params_per_dim: int = 2):
         super().__init__()
         widths = [dim] + [hidden] * depth
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(w_in, w_out), make_activation(activation)]
         self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(widths[-1], 2 * dim)
+        self.out = nn.Linear(widths[-1], params_per_dim * dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -38,15 +39,17 @@ class MLPConditioner(nn.Module):
 
 
 class ConvConditioner(nn.Module):
-    """``(B, C, H, W) -> (B, 2C, H, W)``: Glow's 3x3 -> 1x1 -> 3x3 network, ``depth`` hidden 1x1 layers."""
+    """``(B, C, H, W) -> (B, P*C, H, W)``: Glow's 3x3 -> 1x1 -> 3x3 network, ``depth`` hidden 1x1 layers,
+    ``P`` raw numbers per channel and pixel (affine: ``P = 2``)."""
 
-    def __init__(self, channels: int, hidden: int = 64, depth: int = 1, activation: str = "relu"):
+    def __init__(self, channels: int, hidden: int = 64, depth: int = 1, activation: str = "relu",
+                 params_per_dim: int = 2):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, hidden, 3, padding=1), make_activation(activation)]
         for _ in range(depth):
             layers += [nn.Conv2d(hidden, hidden, 1), make_activation(activation)]
         self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(hidden, 2 * channels, 3, padding=1)
+        self.out = nn.Conv2d(hidden, params_per_dim * channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

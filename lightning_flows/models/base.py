@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_flows.models.schedule import budget_progress, check_schedule, lr_factor
+
 Likelihood = Literal["exact", "bound", "none"]
 
 
@@ -26,6 +28,13 @@ class GenerativeModel(L.LightningModule):
             it from the DataModule, so configs do not repeat it.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        lr_schedule: ``constant`` or ``cosine`` (decays to 0 over the run's budget: max_steps, max_epochs
+            or max_time, whichever binds first; see :mod:`lightning_flows.models.schedule`).
+        warmup_steps: linear learning-rate warm-up over this many optimizer steps (0: none).
+
+    The optimisation recipe (``lr``, ``weight_decay``, ``lr_schedule``, ``warmup_steps``) has the same
+    names in every family, so a suite can state it once; gradient clipping is the Trainer's
+    ``gradient_clip_val`` and weight averaging the :class:`lightning_flows.callbacks.EMACallback`.
     """
 
     likelihood: Likelihood = "none"
@@ -35,10 +44,13 @@ class GenerativeModel(L.LightningModule):
     # The lecture's name for the family's objective (the comparison table's "Training objective").
     objective: str = ""
 
-    def __init__(self, data_shape: Sequence[int] = (2,), lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, data_shape: Sequence[int] = (2,), lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0):
         super().__init__()
+        check_schedule(lr_schedule, warmup_steps)
         self.data_shape = tuple(int(s) for s in data_shape)
         self.lr, self.weight_decay = lr, weight_decay
+        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
         # Cost of the most recent ``sample`` call: network evaluations (NFE) per sample.
         self.last_sample_nfe: int | None = None
 
@@ -99,7 +111,34 @@ class GenerativeModel(L.LightningModule):
         return self._step(batch, "test")
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return self.scheduled(torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay))
+
+    # ---- the learning-rate schedule ----
+    def scheduled(self, *optimizers: torch.optim.Optimizer):
+        """``optimizers`` with the configured schedule attached, as ``configure_optimizers`` returns them.
+
+        Without a schedule (constant, no warm-up) the optimizers are returned unchanged. With manual
+        optimisation the family steps the schedulers itself (:meth:`step_lr_schedulers`).
+        """
+        if self.lr_schedule == "constant" and self.warmup_steps == 0:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        steps_per_batch = 1 if self.automatic_optimization else len(optimizers)
+
+        def factor(step: int) -> float:
+            attached = self._trainer is not None and self.lr_schedule != "constant"
+            progress = budget_progress(self._trainer, step, steps_per_batch) if attached else 0.0
+            return lr_factor(self.lr_schedule, self.warmup_steps, step, progress)
+
+        return [{"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                     "interval": "step"}} for opt in optimizers]
+
+    def step_lr_schedulers(self) -> None:
+        """Manual optimisation only: advance every scheduler by one step (call after the optimizers step)."""
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `lightning-flows sample --ckpt` rebuild the right class without a config file.

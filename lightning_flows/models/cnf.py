@@ -64,8 +64,9 @@ class CNF(GenerativeModel):
                  sampler: SolverConfig | dict | None = None, train_divergence: str = "exact",
                  test_divergence: str = "exact", probe: str = "rademacher", kinetic_weight: float = 0.0,
                  jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, lr: float = 1e-3,
-                 weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         for name, value in (("train_divergence", train_divergence), ("test_divergence", test_divergence)):
             if value not in DIVERGENCE_KINDS:

@@ -295,8 +295,8 @@ class Diffusion(GenerativeModel):
                  ddim_eta: float = 0.0, clip_denoised: bool | None = None, bound_timesteps: int | None = None,
                  bound_chunk: int = 8, likelihood_kind: Literal["bound", "ode"] = "bound",
                  likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact",
-                 lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'.")

@@ -63,13 +63,14 @@ class FlowMatching(GenerativeModel):
     def __init__(self, data_shape: Sequence[int] = (2,), backbone: str = "auto", hidden: int = 256,
                  depth: int = 3, activation: str = "silu", base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), sampler: SolverConfig | dict | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0,
                  likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact",
                  coupling: str = "independent", sigma: float = 0.0, time_sampling: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, ot_block_size: int | None = 64,
                  pairing_threads: int = 1, teacher_ckpt: str | None = None, reflow_pairs: int = 20_000,
                  reflow_solver: SolverConfig | dict | None = None, reflow_seed: int = 0):
-        super().__init__(data_shape, lr, weight_decay)
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         if coupling not in COUPLINGS:
             raise ValueError(f"Unknown coupling '{coupling}'. Choose one of: {', '.join(COUPLINGS)}.")

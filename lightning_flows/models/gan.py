@@ -76,6 +76,8 @@ class GAN(GenerativeModel):
         spectral_norm: spectral normalisation on every discriminator layer.
         r1_gamma: weight of the R1 penalty (0 turns it off).
         lr_g, lr_d: Adam learning rates; ``betas``: Adam betas (DCGAN's ``(0.5, 0.999)``).
+        lr_schedule, warmup_steps: the shared schedule (:class:`GenerativeModel`), applied to both
+            optimizers as a factor on ``lr_g`` and ``lr_d``; each advances once per batch.
     """
 
     likelihood = "none"
@@ -86,8 +88,9 @@ class GAN(GenerativeModel):
                  hidden: int = 256, depth: int = 3, activation: str = "silu", base_channels: int = 32,
                  generator_norm: str = "batch", loss: Literal["non_saturating", "hinge"] = "non_saturating",
                  spectral_norm: bool = False, r1_gamma: float = 0.0, lr_g: float = 2e-4, lr_d: float = 2e-4,
-                 betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 0.0):
-        super().__init__(data_shape, lr_g, weight_decay)
+                 betas: Sequence[float] = (0.5, 0.999), weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr_g, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.automatic_optimization = False
         if loss not in LOSSES:
@@ -152,6 +155,7 @@ class GAN(GenerativeModel):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()
+        self.step_lr_schedulers()  # manual optimisation: Lightning leaves the schedules to us
 
         self.log_dict({"train/loss": g_loss, "train/g_loss": g_loss, "train/d_loss": d_loss},
                       prog_bar=True, batch_size=n)
@@ -166,7 +170,7 @@ class GAN(GenerativeModel):
                                  weight_decay=self.weight_decay)
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.lr_g, betas=self.betas,
                                  weight_decay=self.weight_decay)
-        return opt_d, opt_g
+        return self.scheduled(opt_d, opt_g)  # the recipe's schedule, applied to both
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

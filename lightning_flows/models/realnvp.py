@@ -17,15 +17,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
-                                   LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape, Squeeze, Unsqueeze,
-                                   channel_mask, checkerboard_mask, vector_mask)
+                                   LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape, SplineCoupling, Squeeze,
+                                   Unsqueeze, channel_mask, checkerboard_mask, spline_params_per_dim, vector_mask)
 from lightning_flows.models.base import GenerativeModel
 
 ARCHITECTURES = ("auto", "mlp", "multiscale")
 PREPROCESSING = ("auto", "logit", "none")
+COUPLINGS = ("affine", "spline")
 
 
 def resolve_architecture(architecture: str, data_shape: tuple[int, ...]) -> str:
@@ -57,11 +58,40 @@ def flattened(data_shape: tuple[int, ...], layers: list[Bijection]) -> list[Bije
 
 
 class ExactFlowModel(GenerativeModel):
-    """A :class:`GenerativeModel` around a :class:`NormalizingFlow` in ``self.flow`` (set by subclasses)."""
+    """A :class:`GenerativeModel` around a :class:`NormalizingFlow` in ``self.flow`` (set by subclasses).
+
+    Subclasses set ``hidden, depth, activation, scale_bound`` and call :meth:`_set_coupling` before
+    :meth:`_build_flow`; :meth:`_coupling_layer` then builds either kind of coupling.
+    """
 
     likelihood = "exact"
     objective = "Exact MLE via change-of-vars"
     flow: NormalizingFlow
+    hidden: int
+    depth: int
+    activation: str
+    scale_bound: float
+
+    def _set_coupling(self, coupling: str, spline_bins: int, spline_bound: float) -> None:
+        if coupling not in COUPLINGS:
+            raise ValueError(f"Unknown coupling '{coupling}'. Choose one of: {', '.join(COUPLINGS)}.")
+        if coupling == "spline" and (spline_bins < 2 or spline_bound <= 0):
+            raise ValueError(f"spline couplings need spline_bins >= 2 and spline_bound > 0, got "
+                             f"spline_bins={spline_bins}, spline_bound={spline_bound}.")
+        self.coupling, self.spline_bins, self.spline_bound = coupling, spline_bins, spline_bound
+
+    def _coupling_layer(self, mask: Tensor, kind: str = "") -> Bijection:
+        """The configured coupling on ``mask``'s shape: an MLP conditioner for vectors ``(D,)``, a conv one
+        for images ``(C, H, W)``. ``kind="affine"`` forces an affine coupling (e.g. Glow's split prior)."""
+        kind = kind or self.coupling
+        per = 2 if kind == "affine" else spline_params_per_dim(self.spline_bins)
+        if mask.ndim == 1:
+            conditioner = MLPConditioner(mask.shape[0], self.hidden, self.depth, self.activation, per)
+        else:
+            conditioner = ConvConditioner(mask.shape[0], self.hidden, self.depth - 1, self.activation, per)
+        if kind == "affine":
+            return AffineCoupling(mask, conditioner, self.scale_bound)
+        return SplineCoupling(mask, conditioner, self.spline_bins, self.spline_bound)
 
     def _build_flow(self, architecture: str, preprocess: str, logit_alpha: float, levels: int, steps: int) -> None:
         """Preprocessing, then the family's vector layers (flattened) or its multi-scale image levels."""
@@ -118,7 +148,9 @@ class RealNVP(ExactFlowModel):
         levels: multi-scale levels ``L`` (images only; each but the last halves H and W).
         steps: couplings per stage ``K`` (vectors: total couplings).
         hidden, depth, activation: conditioner width, hidden layers, activation.
-        scale_bound: ``|s| <= scale_bound`` in every coupling (stability).
+        coupling: ``affine`` (RealNVP's) or ``spline`` (rational-quadratic, Durkan et al. 2019).
+        scale_bound: ``|s| <= scale_bound`` in every affine coupling (stability).
+        spline_bins, spline_bound: spline couplings' bins ``K`` and interval ``[-B, B]`` (identity outside).
         actnorm: an ActNorm before every coupling (data-dependent init, DDP-synchronised).
         preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
         logit_alpha: the logit's boundary margin.
@@ -126,30 +158,31 @@ class RealNVP(ExactFlowModel):
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
                  steps: int = 4, hidden: int = 64, depth: int = 2, activation: str = "relu",
-                 scale_bound: float = 2.0, actnorm: bool = True, preprocess: str = "auto",
-                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8,
+                 spline_bound: float = 3.0, actnorm: bool = True, preprocess: str = "auto",
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
+                 warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.use_actnorm = scale_bound, actnorm
+        self._set_coupling(coupling, spline_bins, spline_bound)
         self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
 
-    def _coupling(self, mask: Tensor, conditioner: nn.Module, channels: int) -> list[Bijection]:
-        coupling = AffineCoupling(mask, conditioner, self.scale_bound)
-        return [ActNorm(channels), coupling] if self.use_actnorm else [coupling]
+    def _coupling(self, mask: Tensor) -> list[Bijection]:
+        coupling = self._coupling_layer(mask)
+        return [ActNorm(mask.shape[0]), coupling] if self.use_actnorm else [coupling]
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
-            conditioner = MLPConditioner(dim, self.hidden, self.depth, self.activation)
-            layers += self._coupling(vector_mask(dim, i), conditioner, dim)
+            layers += self._coupling(vector_mask(dim, i))
         return layers
 
     def _image_couplings(self, shape: tuple[int, int, int], steps: int, make_mask) -> list[Bijection]:
         layers: list[Bijection] = []
         for i in range(steps):
-            conditioner = ConvConditioner(shape[0], self.hidden, self.depth - 1, self.activation)
-            layers += self._coupling(make_mask(shape, i % 2), conditioner, shape[0])
+            layers += self._coupling(make_mask(shape, i % 2))
         return layers
 
     def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:

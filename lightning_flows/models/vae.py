@@ -81,8 +81,9 @@ class VAE(GenerativeModel):
                  network: str = "auto", hidden: int = 256, depth: int = 2, activation: str = "silu",
                  base_channels: int = 32, decoder: Decoder = "gaussian", decoder_scale: DecoderScale = "per_dim",
                  min_log_scale: float = -7.0, iwae_k: int = 64, iwae_chunk: int = 16,
-                 sample_mode: Literal["mean", "sample"] = "mean", lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(data_shape, lr, weight_decay)
+                 sample_mode: Literal["mean", "sample"] = "mean", lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0):
+        super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'.")
