@@ -80,6 +80,10 @@ def test_sampling_weights_swap_the_ema_in_and_back(digits):
     ema = EMACallback(decay=0.5)
     trainer = _trainer(ema, max_steps=3, limit_val_batches=0)
     trainer.fit(model, datamodule=digits)
+    assert weights_in_use(trainer) == "ema"  # fit ends with the averaged weights in the model
+    with sampling_weights(trainer, model) as label:  # so nothing is swapped
+        assert label == "ema" and torch.equal(model.mean, ema.shadow["mean"])
+    ema.swap_out(model)
     training = {k: v.clone() for k, v in model.state_dict().items()}
     assert weights_in_use(trainer) == "training"
     with sampling_weights(trainer, model) as label:
@@ -115,6 +119,7 @@ def test_benchmark_evaluation_and_the_fid_callback_agree_on_the_same_samples_and
     assert benchmark["weights"] == callback["weights"] == "ema"
     for key in ("fid", "fid_floor", "kid", "kid_floor", "precision", "recall", "nfe_per_sample"):
         assert benchmark[key] == callback[key], key
+    ema.swap_out(model)
     with sampling_weights(None, model):  # the training weights give another FID
         training = Evaluator(spec).evaluate(model, digits)
     assert training["weights"] == "training" and training["fid"] != benchmark["fid"]

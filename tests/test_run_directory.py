@@ -83,8 +83,11 @@ def test_tensorboard_run_directory(tmp_path, monkeypatch, caplog):
 def finish_wandb():
     """End the in-process wandb run after the test (the next WandbLogger would reuse it; a `lightning-flows`
     process ends it when it exits)."""
-    yield
     import wandb
+
+    wandb.finish()  # a run another test left open would be reused
+    wandb.teardown()
+    yield
 
     wandb.finish()
     wandb.teardown()  # also the service: a later run (or a subprocess inheriting WANDB_SERVICE) starts afresh
