@@ -53,11 +53,14 @@ def build_extractor(name: str, dataset: str, weights_path: str | None, cache_dir
 
 
 def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU."""
+    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU, ``batch_size`` images
+    at a time on ``device``, under inference mode."""
     if len(pixels) == 0:
         return torch.zeros(0, extractor.num_features)
-    return torch.cat([extractor(pixels[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(pixels), batch_size)])
+    with torch.inference_mode():
+        features = [extractor(pixels[i:i + batch_size].to(device)).float().cpu()
+                    for i in range(0, len(pixels), batch_size)]
+    return torch.cat(features)
 
 
 def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_flows.performance import logs_this_step
+
 Likelihood = Literal["exact", "bound", "none"]
 
 
@@ -80,8 +82,9 @@ class GenerativeModel(L.LightningModule):
     def _step(self, batch: Tensor, stage: str) -> Tensor:
         self._check_input(batch)
         loss = self.training_loss(batch)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train",
-                 batch_size=batch.shape[0])
+        if stage != "train" or logs_this_step(self._trainer):  # see logs_this_step: the rest would be dropped
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train",
+                     batch_size=batch.shape[0])
         return loss
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
