@@ -122,7 +122,7 @@ class NonFiniteGuard(L.Callback):
             bad = trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
         if skips_on_device(optimizer, trainer):
             device = params[0].device
-            optimizer.found_inf = bad.to(device=device, dtype=torch.float32).reshape(1)
+            optimizer.found_inf = bad.to(device=device, dtype=torch.float32).reshape(())
             self._count_on_device(bad.to(device))
             self._steps_since_check += 1
             if self._steps_since_check >= self.check_every_n_steps:
