@@ -137,7 +137,9 @@ def test_non_finite_flag_is_one_device_tensor_for_nan_inf_and_overflowing_gradie
         grads = [torch.randn(4, 3), torch.randn(3)]
         grads[1][2] = bad
         assert bool(non_finite_flag(params(*grads))), bad
-    assert bool(non_finite_flag(finite, loss_bad=torch.tensor(True)))
+    assert bool(non_finite_flag(finite, losses=[torch.tensor(float("inf"))]))
+    assert not bool(non_finite_flag(finite, losses=[torch.tensor(2.0)]))
+    assert bool(non_finite_flag([], losses=[torch.tensor(float("nan"))]))
     assert non_finite_flag([torch.nn.Parameter(torch.zeros(2))]) is None  # no gradient: nothing to check
 
 

@@ -23,9 +23,13 @@ temporary directory, no sanity-check validation and validation beyond the timed 
 sample grids are separate, equal costs: a hand loop that validates pays them too).
 
 Timing: steps/s over the ``steps`` steps after ``warmup`` steps, from the end of the warm-up's last step
-to the end of the final one, so everything between steps (data, hooks, logging) counts. Each round runs
-(a) and (b) back to back in alternating order; the script reports the medians over rounds and the median
-of the per-round ratios (b)/(a), the robust number on a shared machine. One intra-op thread by default.
+to the end of the final one, so everything between steps (data, hooks, logging) counts, on two clocks:
+the process's CPU time (all its threads; on a shared, busy machine other processes cannot inflate it,
+and with one intra-op thread it equals wall time on a quiet one) and wall-clock time. Each round runs
+the variants back to back, rotating which goes first; the script reports the medians over rounds and the
+median of the per-round ratios to the hand loop. ``--bare`` adds (c): the hand loop's loss and data in a
+LightningModule that logs nothing, under a Trainer with no logger, checkpointing, progress bar or summary:
+what Lightning's loop itself costs. One intra-op thread by default.
 """
 
 from __future__ import annotations
@@ -70,20 +74,30 @@ CASES = {
 }
 
 
+CLOCKS = ("cpu", "wall")
+
+
+def stamp() -> tuple[float, float]:
+    """(this process's CPU seconds, all threads; wall-clock seconds)."""
+    return time.process_time(), time.perf_counter()
+
+
 class StepClock(L.Callback):
-    """``perf_counter`` at the end of every training batch."""
+    """:func:`stamp` at the end of every training batch."""
 
     def __init__(self):
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(stamp())
 
 
-def steps_per_second(stamps: list[float], warmup: int) -> float:
-    """Rate over the stamps after the first ``warmup`` (stamp ``warmup - 1`` is the clock's start)."""
+def steps_per_second(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
+    """Rates over the stamps after the first ``warmup`` (stamp ``warmup - 1`` is the clock's start), per
+    clock: ``cpu`` (steps per CPU-second of this process: what other processes on a shared machine cannot
+    inflate) and ``wall``."""
     timed = stamps[warmup - 1:]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+    return {clock: (len(timed) - 1) / (timed[-1][i] - timed[0][i]) for i, clock in enumerate(CLOCKS)}
 
 
 def cli_args(case: Case, workdir: str, *extra: str) -> list[str]:
@@ -100,7 +114,7 @@ def build(case: Case, workdir: str, *extra: str):
         return build_cli(cli_args(case, workdir, *extra), run=False)
 
 
-def run_lightning(case: Case, *extra: str) -> float:
+def run_lightning(case: Case, *extra: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
         cli = build(case, workdir, *extra)
         clock = StepClock()
@@ -157,12 +171,12 @@ def hand_setup(case: Case):
         cli.trainer.gradient_clip_val
 
 
-def run_hand_loop(case: Case) -> float:
+def run_hand_loop(case: Case) -> dict[str, float]:
     model, batches, loss_fn, clip = hand_setup(case)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=model.lr, weight_decay=model.weight_decay)
     total = case.warmup + case.steps
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     while len(stamps) < total:
         for x in batches:
             loss = loss_fn(x)
@@ -171,7 +185,7 @@ def run_hand_loop(case: Case) -> float:
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
             if len(stamps) == total:
                 break
     return steps_per_second(stamps, case.warmup)
@@ -191,7 +205,7 @@ class BareModule(L.LightningModule):
         return torch.optim.Adam(self.model.parameters(), lr=self.model.lr, weight_decay=self.model.weight_decay)
 
 
-def run_bare_lightning(case: Case) -> float:
+def run_bare_lightning(case: Case) -> dict[str, float]:
     model, batches, loss_fn, clip = hand_setup(case)
     clock = StepClock()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=case.warmup + case.steps, max_epochs=-1,
@@ -208,20 +222,22 @@ LABELS = {"hand": "hand loop", "bare": "bare Lightning", "fit": "lightning-flows
 
 def measure(name: str, rounds: int, extra: list[str], variants: list[str]) -> dict:
     case = CASES[name]
-    rates: dict[str, list[float]] = {v: [] for v in variants}
-    ratios: dict[str, list[float]] = {v: [] for v in variants if v != "hand"}
+    rates = {c: {v: [] for v in variants} for c in CLOCKS}
+    ratios = {c: {v: [] for v in variants if v != "hand"} for c in CLOCKS}
     for r in range(rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
         rate = {v: (run_lightning(case, *extra) if v == "fit" else RUNNERS[v](case)) for v in order}
-        for v in variants:
-            rates[v].append(rate[v])
-            if v != "hand":
-                ratios[v].append(rate[v] / rate["hand"])
-        print(f"  {name} round {r + 1}: " + ", ".join(f"{LABELS[v]} {rate[v]:.1f}" for v in variants)
-              + " steps/s; ratios to the hand loop: " + ", ".join(f"{v} {ratios[v][-1]:.3f}" for v in ratios),
-              flush=True)
-    return {"case": name, "rates": {v: statistics.median(x) for v, x in rates.items()},
-            "ratios": {v: (statistics.median(x), min(x), max(x)) for v, x in ratios.items()}}
+        for c in CLOCKS:
+            for v in variants:
+                rates[c][v].append(rate[v][c])
+                if v != "hand":
+                    ratios[c][v].append(rate[v][c] / rate["hand"][c])
+        print(f"  {name} round {r + 1}: " + "; ".join(
+            f"{c} clock: " + ", ".join(f"{LABELS[v]} {rate[v][c]:.1f}" for v in variants) + " steps/s, ratios "
+            + ", ".join(f"{v} {ratios[c][v][-1]:.3f}" for v in ratios[c]) for c in CLOCKS), flush=True)
+    return {"case": name,
+            "rates": {c: {v: statistics.median(x) for v, x in rates[c].items()} for c in CLOCKS},
+            "ratios": {c: {v: (statistics.median(x), min(x), max(x)) for v, x in ratios[c].items()} for c in CLOCKS}}
 
 
 def profile(name: str, extra: list[str], top: int) -> None:
@@ -264,14 +280,17 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, overrides: {' '.join(opts.override) or 'none'}")
     variants = ["hand", "bare", "fit"] if opts.bare else ["hand", "fit"]
     results = [measure(name, opts.rounds, opts.override, variants) for name in opts.cases]
-    head = " | ".join(f"{LABELS[v]} (steps/s)" for v in variants)
-    ratio_head = " | ".join(f"{LABELS[v]} / hand loop (median, min-max)" for v in variants if v != "hand")
-    print(f"\n| case | config | {head} | {ratio_head} |")
-    print("|---|---|" + "---|" * (2 * len(variants) - 1))
-    for res in results:
-        rates = " | ".join(f"{res['rates'][v]:.1f}" for v in variants)
-        ratio_cells = " | ".join(f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in res["ratios"].values())
-        print(f"| {res['case']} | {CASES[res['case']].config} | {rates} | {ratio_cells} |")
+    for clock in CLOCKS:
+        what = "steps per CPU-second of the process" if clock == "cpu" else "steps per wall-clock second"
+        print(f"\n{clock} clock ({what}):")
+        head = " | ".join(f"{LABELS[v]}" for v in variants)
+        ratio_head = " | ".join(f"{LABELS[v]} / hand loop (median, min-max)" for v in variants if v != "hand")
+        print(f"| case | config | {head} | {ratio_head} |")
+        print("|---|---|" + "---|" * (2 * len(variants) - 1))
+        for res in results:
+            rates = " | ".join(f"{res['rates'][clock][v]:.1f}" for v in variants)
+            ratio_cells = " | ".join(f"{m:.3f} ({lo:.3f}-{hi:.3f})" for m, lo, hi in res["ratios"][clock].values())
+            print(f"| {res['case']} | {CASES[res['case']].config} | {rates} | {ratio_cells} |")
 
 
 if __name__ == "__main__":
