@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.facts import fill_data_facts
 from lightning_flows.models import GenerativeModel
 from lightning_flows.ode import SolverConfig
 
@@ -89,15 +90,50 @@ def _plain_kwargs(checkpoint: dict, key: str) -> dict:
     return {k: v for k, v in values.items() if isinstance(k, str) and not k.startswith("_")}
 
 
+def evaluation_weights(checkpoint: dict) -> dict:
+    """The weights to sample and evaluate with: the EMA weights when the run kept them (EMACallback)."""
+    return checkpoint.get("ema_state_dict") or checkpoint["state_dict"]
+
+
+def read_checkpoint_for(path: str | Path, model: GenerativeModel | None = None, map_location="cpu") -> dict:
+    """Read a checkpoint for ``--ckpt_path`` (resume, validate, test): safely, and only if it fits ``model``.
+
+    Refuses, with the fix in the message, a file that cannot be read safely, that names no family of
+    ours, that was written by another family, or whose weights have other names or shapes (another config).
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    cls = resolve_model_class(checkpoint, path)
+    if model is None:
+        return checkpoint
+    if cls is not type(model):
+        raise CheckpointError(f"{path} was written by a {cls.__name__} run, but this run trains "
+                              f"{type(model).__name__}; pass a checkpoint of the same family and config "
+                              f"to --ckpt_path, or drop --ckpt_path to start afresh.")
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in checkpoint["state_dict"].items()}
+    problems = [f"missing {name}" for name in expected if name not in found]
+    problems += [f"unexpected {name}" for name in found if name not in expected]
+    problems += [f"{name}: {found[name]} in the file, {shape} in this model"
+                 for name, shape in expected.items() if name in found and found[name] != shape]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"{path} holds {cls.__name__} weights of another configuration ({shown}). Resume "
+                              f"with the config and model options of the run that wrote it (its config.yaml "
+                              f"sits in the run directory), or drop --ckpt_path to start afresh.")
+    return checkpoint
+
+
 def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[GenerativeModel, GenerativeDataModule]:
     """Rebuild the model (EMA weights if present, eval mode) and its DataModule from one checkpoint."""
     checkpoint = read_checkpoint(path, map_location)
     cls = resolve_model_class(checkpoint, path)
     try:
-        model = cls(**_plain_kwargs(checkpoint, "hyper_parameters"))
-        # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
-        model.load_state_dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
         datamodule = GenerativeDataModule(**_plain_kwargs(checkpoint, "datamodule_hyper_parameters"))
+        # The saved hyperparameters hold the data facts the model was trained with (shape, levels);
+        # facts a checkpoint predates come from its DataModule, and contradictions are refused.
+        model = cls(**fill_data_facts(cls, _plain_kwargs(checkpoint, "hyper_parameters"), datamodule))
+        # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
+        model.load_state_dict(evaluation_weights(checkpoint))
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"{path} could not rebuild {cls.__name__} and its data "
                               f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); the checkpoint was "

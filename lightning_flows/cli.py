@@ -42,20 +42,22 @@ def sample_main(argv: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lightning_flows.checkpoints import CheckpointError
+    from lightning_flows.run_checks import RunSetupError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "sample":
-        from lightning_flows.checkpoints import CheckpointError
-
-        try:
+    try:
+        if argv and argv[0] == "sample":
             sample_main(argv[1:])
-        except CheckpointError as err:
-            raise SystemExit(f"error: {err}") from None
-    elif argv and argv[0] == "benchmark":
-        from lightning_flows.benchmark.runner import benchmark_main
+        elif argv and argv[0] == "benchmark":
+            from lightning_flows.benchmark.runner import benchmark_main
 
-        benchmark_main(argv[1:])
-    else:
-        build_cli(argv)
+            benchmark_main(argv[1:])
+        else:
+            build_cli(argv)
+    except (CheckpointError, RunSetupError) as err:
+        # Bad input, not a bug: the message says what to do, a traceback would only bury it.
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

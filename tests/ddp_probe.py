@@ -1,7 +1,13 @@
-"""Run by tests/test_ddp.py: train flow matching a few steps with 2 CPU ranks (gloo) under DDP.
+"""Run by tests/test_ddp.py: every family's committed config, a few steps on 2 CPU ranks (gloo) under DDP.
 
-Lightning's "ddp" strategy relaunches this script once per extra rank, exactly as it would for a
-user's training script. Each rank saves the batches it saw and its final weights to OUT/rank<r>.pt.
+Each family is one ``lightning-flows fit --config experiments/<dataset>/<family>.yaml --trainer.strategy ddp
+--trainer.devices 2`` (the CLI's own defaults included), shrunk to a few steps. Lightning's "ddp" strategy
+relaunches this script once per extra rank, exactly as it would for a user's script; later fits in the
+same script reuse the processes. For each family every rank saves to OUT/<family>_rank<r>.pt (the
+:class:`Record` callback) the batches it saw, the first normal draws its RNG would hand the model at every
+step (that step's noise), its weights when training started and when it ended.
+
+Usage: python ddp_probe.py OUT STEPS [FAMILY ...]   (all families by default)
 """
 
 import sys
@@ -10,31 +16,62 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_flows.data import GenerativeDataModule
-from lightning_flows.models import FlowMatching
+ROOT = Path(__file__).resolve().parents[1]
+
+# family -> (config, overrides that keep it to seconds on CPU). The GAN is the issue's failing case:
+# the conv DCGAN of experiments/digits/gan.yaml (batch norm, spectral norm); R1 is added on top.
+FAMILIES = {
+    "vae": ("experiments/toy2d/vae.yaml", ["--model.init_args.hidden", "16"]),
+    "gan": ("experiments/digits/gan.yaml", ["--model.init_args.base_channels", "8",
+                                            "--model.init_args.r1_gamma", "1.0"]),
+    "realnvp": ("experiments/toy2d/realnvp.yaml", ["--model.init_args.hidden", "16"]),
+    "glow": ("experiments/digits/glow.yaml", ["--model.init_args.hidden", "8", "--model.init_args.steps", "1"]),
+    "cnf": ("experiments/toy2d/cnf.yaml", ["--model.init_args.hidden", "16",
+                                          "--model.init_args.sampler.method", "euler",
+                                          "--model.init_args.sampler.steps", "4"]),
+    "diffusion": ("experiments/toy2d/diffusion.yaml", ["--model.init_args.hidden", "16",
+                                                      "--model.init_args.num_steps", "50"]),
+    "flow_matching": ("experiments/toy2d/flow_matching.yaml", ["--model.init_args.hidden", "16"]),
+}
 
 
-class RecordBatches(L.Callback):
-    def __init__(self):
-        self.batches = []
+class Record(L.Callback):
+    """Per training batch: the batch and the next normal draws of the (already reseeded) RNG."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.batches, self.noise, self.init = [], [], None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.init = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batches.append(batch.detach().clone())
+        with torch.random.fork_rng():
+            self.noise.append(torch.randn(4))
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"batches": torch.stack(self.batches), "noise": torch.stack(self.noise), "init": self.init,
+                    "state_dict": pl_module.state_dict(), "world_size": trainer.world_size,
+                    "global_step": trainer.global_step}, f"{self.out}_rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, steps: int) -> None:
-    L.seed_everything(0)
-    dm = GenerativeDataModule("8gaussians", batch_size=64)
-    model = FlowMatching(data_shape=dm.data_shape, hidden=32, depth=2)
-    recorder = RecordBatches()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(model, dm)
-    torch.save({"batches": torch.stack(recorder.batches), "state_dict": model.state_dict(),
-                "world_size": trainer.world_size, "global_step": trainer.global_step},
-               out / f"rank{trainer.global_rank}.pt")
+def fit_args(family: str, out: Path, steps: int) -> list[str]:
+    config, overrides = FAMILIES[family]
+    # GAN: one batch is two optimizer steps.
+    max_steps = 2 * steps if family == "gan" else steps
+    return ["fit", "--config", str(ROOT / config), *overrides,
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", str(out / family), "--trainer.logger.init_args.save_dir", str(out / family),
+            "--data.batch_size", "32", "--sample_grid.n", "16",
+            "--trainer.callbacks+=ddp_probe.Record", "--trainer.callbacks.out", str(out / family)]
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    from lightning_flows.training import build_cli
+
+    torch.set_num_threads(1)
+    for name in sys.argv[3:] or FAMILIES:
+        build_cli(fit_args(name, Path(sys.argv[1]), int(sys.argv[2])))

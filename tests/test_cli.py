@@ -70,12 +70,12 @@ def test_tensorboard_logger_receives_sample_images(tmp_path):
 
 
 def test_image_backbone_on_2d_data_is_a_clear_error(tmp_path, fit_args):
-    with pytest.raises(ValueError, match=r"TimeUNet needs image data.*\(2,\).*backbone: mlp"):
+    with pytest.raises(SystemExit, match=r"^error: TimeUNet needs image data.*\(2,\).*backbone: mlp"):
         main(["fit", "--config", TOY, *fit_args(*TINY, "--model.init_args.backbone", "unet")])
 
 
 def test_unknown_dataset_from_the_cli_is_a_clear_error(tmp_path, fit_args):
-    with pytest.raises(ValueError, match="Unknown dataset 'eightgaussians'"):
+    with pytest.raises(SystemExit, match="^error: Unknown dataset 'eightgaussians'. Choose one of: 2spirals, "):
         main(["fit", "--config", TOY, *fit_args(*TINY, "--data.dataset", "eightgaussians")])
 
 

@@ -118,3 +118,18 @@ def test_benchmark_evaluation_and_the_fid_callback_agree_on_the_same_samples_and
     with sampling_weights(None, model):  # the training weights give another FID
         training = Evaluator(spec).evaluate(model, digits)
     assert training["weights"] == "training" and training["fid"] != benchmark["fid"]
+
+
+def test_diffusion_reports_its_bound_and_its_probability_flow_likelihood_side_by_side(digits):
+    from lightning_flows.models import Diffusion
+
+    torch.manual_seed(0)
+    model = Diffusion(data_shape=(1, 8, 8), data_levels=17, num_steps=20, base_channels=8, channel_mults=(1, 2),
+                      bound_timesteps=4, likelihood_divergence="hutchinson",
+                      likelihood_solver={"method": "rk4", "steps": 2})
+    spec = EvaluationSpec(quality=False, timing=False, progress=False, max_likelihood_examples=20)
+    result = Evaluator(spec).evaluate(model, digits)
+    assert {"bpd_bound", "bpd_estimate"} <= set(result) and "bpd_exact" not in result  # Hutchinson: an estimate
+    exact = Diffusion(data_shape=(1, 8, 8), data_levels=17, num_steps=20, base_channels=8, channel_mults=(1, 2),
+                      likelihood_kind="ode")
+    assert exact.likelihood_kind == "exact" and set(exact.likelihood_estimators()) == {"bound", "exact"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -207,18 +206,13 @@ def test_actnorm_is_identity_in_eval_before_init_and_flag_survives_state_dict():
     assert torch.equal(fresh.bias, layer.bias) and torch.equal(fresh.log_scale, layer.log_scale)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_actnorm_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_actnorm_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous, not a TCP port: picking a "free" port and binding it later raced with other
+    # processes on the machine (the test failed once when another run took the port in between).
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts them)
         flow = FlowSequence([ActNorm(3), AffineCoupling(channel_mask((3, 4, 4)), ConvConditioner(3, 8))]).double()
@@ -236,7 +230,7 @@ def _ddp_actnorm_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_actnorm_init_identical_across_two_ddp_ranks(tmp_path):
-    mp.spawn(_ddp_actnorm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_actnorm_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert not torch.equal(r0["x"], r1["x"])
     assert torch.equal(r0["bias"], r1["bias"]) and torch.equal(r0["log_scale"], r1["log_scale"])

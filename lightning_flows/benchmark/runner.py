@@ -97,6 +97,7 @@ def run_arguments(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logg
     cls = model_class_of(plan.config)
     budget = {"trainer.max_steps": plan.steps * cls.optimizer_steps_per_batch, "trainer.max_epochs": -1,
               "trainer.default_root_dir": str(out / "runs" / plan.slug),
+              "sample_grid.n": 0,  # the benchmark draws its own pictures from the evaluated samples
               "trainer.logger": _logger_arg(plan, suite, out, logger)}
     return plan.fit_args(budget) + ["--trainer.callbacks+=lightning_flows.callbacks.TrainingTimer"] + list(extra)
 

@@ -1,4 +1,4 @@
-"""Write a picture of samples every validation epoch and hand it to the active logger."""
+"""Write a picture of samples every validation epoch and at the end of training, and hand it to the logger."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_flows.plotting import save_sample_figure
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The directory of this run: the logger's version directory, else the trainer's root."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The directory of this run: the logger's version directory, else the trainer's root.
+
+    Computed locally: ``trainer.log_dir`` broadcasts from rank 0 under DDP, a collective that would
+    hang (or pair with another rank's unrelated collective) when called on rank 0 alone.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        directory = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    else:
+        directory = None
+    return Path(directory or trainer.default_root_dir)
 
 
 class SampleGridCallback(L.Callback):
@@ -22,6 +31,10 @@ class SampleGridCallback(L.Callback):
     Images become a grid in pixel space (through the DataModule's ``to_pixels``); 2D data a scatter
     plot beside the validation data. Sampling runs on global rank zero only and involves no
     collective operation, so the other ranks never wait on it.
+
+    :meth:`draw_final` writes ``samples/final.png`` from a checkpoint's evaluation weights when a run
+    stops (called by :class:`~lightning_flows.callbacks.checkpointing.RunCheckpoint` after it saves
+    ``last.ckpt``), so every run ends with a picture of what ``lightning-flows sample`` would draw.
     """
 
     def __init__(self, n: int = 64, every_n_epochs: int = 1, seed: int = 0):
@@ -34,15 +47,40 @@ class SampleGridCallback(L.Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        self._draw(trainer, pl_module, f"epoch{trainer.current_epoch:04d}.png",
+                   f"{type(pl_module).__name__}, epoch {trainer.current_epoch}")
+
+    def draw_final(self, trainer: L.Trainer, pl_module, checkpoint_path: str | Path) -> None:
+        """On rank zero, draw ``samples/final.png`` with the evaluation weights of ``checkpoint_path``."""
+        if not trainer.is_global_zero or self.n <= 0:
+            return
+        from lightning_flows.checkpoints import evaluation_weights, read_checkpoint
+
+        weights = evaluation_weights(read_checkpoint(checkpoint_path, map_location=pl_module.device))
+        training_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        was_training = pl_module.training
+        # Eval mode as in validation: batch norm uses its running statistics (and a SyncBatchNorm
+        # layer then needs no other rank).
+        pl_module.eval()
+        try:
+            pl_module.load_state_dict(weights)
+            self._draw(trainer, pl_module, "final.png",
+                       f"{type(pl_module).__name__}, final (step {trainer.global_step})")
+        finally:
+            pl_module.load_state_dict(training_weights)
+            pl_module.train(was_training)
+
+    def _draw(self, trainer: L.Trainer, pl_module, filename: str, title: str) -> None:
+        if self.n <= 0:  # `--sample_grid.n 0` turns the pictures off
+            return
         datamodule = trainer.datamodule
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.seed)
             samples = pl_module.sample(self.n)
         reference = datamodule.split("val")[: 2000] if samples.ndim == 2 else None
-        path = run_dir(trainer) / "samples" / f"epoch{trainer.current_epoch:04d}.png"
-        save_sample_figure(datamodule.to_pixels(samples), path, reference=reference,
-                           title=f"{type(pl_module).__name__}, epoch {trainer.current_epoch}")
+        path = run_dir(trainer) / "samples" / filename
+        save_sample_figure(datamodule.to_pixels(samples), path, reference=reference, title=title)
         self.last_path = path
         self._log_image(trainer, path)
 

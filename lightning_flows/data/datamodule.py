@@ -7,18 +7,19 @@ Data flow for discrete (image) data with ``L`` levels and ``D`` dimensions::
 ``x`` is the *model space* every family trains in. A model's density ``p(x)`` becomes a density on
 the unit cube via ``log p(y) = log p(x) + preprocess_log_det`` (here ``D log 2``), and a lower bound
 on the discrete likelihood via ``log P(k) >= log p(y) - D log L``; :func:`lightning_flows.metrics.bits_per_dim`
-does that arithmetic in one place. Continuous (toy 2D) data is used as is: model space = data space.
+does that arithmetic in one place. A discrete model (categorical or discretised decoder) reports
+``log P(k)`` as the piecewise-constant density of :mod:`lightning_flows.data.quantisation`, so the same
+arithmetic gives it exactly ``-log2 P(k) / D``. Continuous (toy 2D) data is used as is: model space = data space.
 """
 
 from __future__ import annotations
-
-import math
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from lightning_flows.data.loader import InMemoryBatches
+from lightning_flows.data.quantisation import bin_index, dequantise, unit_cube_to_model_space_log_det
 from lightning_flows.data.registry import TORCHVISION_DATASETS, DatasetSplits, dataset_info, load_dataset
 from lightning_flows.metrics.bits_per_dim import bits_per_dim
 
@@ -70,7 +71,7 @@ class GenerativeDataModule(L.LightningDataModule):
     @property
     def preprocess_log_det(self) -> float:
         """log|det d(model space)/d(unit-cube data)| per example: ``D log 2`` for ``x = 2y - 1``."""
-        return self.dim * math.log(2.0) if self.is_discrete else 0.0
+        return unit_cube_to_model_space_log_det(self.dim) if self.is_discrete else 0.0
 
     def bits_per_dim(self, nll_model_space: Tensor | float) -> Tensor | float:
         """Model-space NLL in nats per example -> bits per dimension of the original data."""
@@ -80,16 +81,13 @@ class GenerativeDataModule(L.LightningDataModule):
     # ---- the maps between pixels and model space ----
     def dequantise(self, k: Tensor, noise: Tensor) -> Tensor:
         """Integer levels ``k`` and uniform ``noise`` in [0, 1) -> model space [-1, 1)."""
-        return 2.0 * (k.float() + noise) / self.levels - 1.0
+        return dequantise(k, noise, self.levels)
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Model space -> display intensities in [0, 1] (the quantisation level, rescaled)."""
         if not self.is_discrete:
             return x
-        # floor inverts dequantisation; the tiny offset keeps exact cell edges (noise 0) in their
-        # own cell despite float rounding in (x + 1) / 2 * L.
-        k = torch.floor((x.clamp(-1, 1) + 1) / 2 * self.levels + 1e-4).clamp(0, self.levels - 1)
-        return k / (self.levels - 1)
+        return bin_index(x, self.levels).to(x.dtype) / (self.levels - 1)
 
     def true_log_density(self, x: Tensor) -> Tensor | None:
         """Exact log p_data(x) where the dataset defines one (8gaussians, checkerboard), else None."""

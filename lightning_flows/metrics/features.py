@@ -73,8 +73,11 @@ class InceptionFeatures(_FrozenExtractor):
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"Inception weights file {weights_path} does not exist; pass the path of "
+                                    f"{URL_INCEPTION_V3.rsplit('/', 1)[-1]} as feature_extractor_weights_path.")
         try:
             self.network = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048"],
@@ -82,8 +85,11 @@ class InceptionFeatures(_FrozenExtractor):
         except (OSError, RuntimeError) as err:
             if weights_path is not None:
                 raise
-            raise RuntimeError(f"Could not download torch-fidelity's Inception-v3 weights ({err}). Offline, "
-                               f"pass a local state dict: feature_extractor_weights_path=<file.pth>.") from err
+            raise RuntimeError(
+                f"Could not download torch-fidelity's Inception-v3 weights ({err}). Offline, fetch {URL_INCEPTION_V3} "
+                f"on a connected machine and pass the local file: feature_extractor_weights_path=<file.pth> "
+                f"(FIDCallback's init arg, e.g. --trainer.callbacks.init_args.feature_extractor_weights_path), or "
+                f"put it in torch.hub's cache ({Path(torch.hub.get_dir()) / 'checkpoints'}).") from err
         self.num_features = 2048
         self.fingerprint = state_fingerprint(self.network)
 

@@ -16,6 +16,15 @@ non-saturating loss when the discriminator cannot tell them apart.
 
 Note: Lightning counts every optimiser step in ``trainer.global_step``, so one GAN batch advances
 it by 2 and ``max_steps`` is twice the number of batches.
+
+Under DDP (``--trainer.strategy ddp``) DDP's reducer expects *every* parameter to receive a gradient
+in *every* backward pass. The generator step's loss ``L_G = f(D(G(z)))`` already reaches both
+networks; the discriminator step's loss reaches the generator too when it is *not* detached from
+``G(z)``, so under DDP it is not: the generator's gradients of ``L_D`` are all-reduced like any
+other and then discarded (``opt_g.zero_grad`` runs before the generator's own backward), and no
+weight moves differently. The price is one extra backward pass through ``G`` per batch, paid only
+when the module is wrapped by DDP; the alternative, ``find_unused_parameters=True``, would have to
+be chosen by the user in the strategy and traverses the graph after every backward instead.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn.dcgan import ConvDecoder, ConvEncoder, make_mlp
@@ -124,7 +134,9 @@ class GAN(GenerativeModel):
         opt_d, opt_g = self.optimizers()
         n = batch.shape[0]
 
-        fake = self(self._noise(n, batch)).detach()
+        fake = self(self._noise(n, batch))
+        if not self._wrapped_by_ddp():
+            fake = fake.detach()  # nothing needs the generator's gradient of L_D (see the module docstring)
         d_loss = discriminator_loss(self.critic(batch), self.critic(fake), self.loss_kind)
         if self.r1_gamma > 0:
             d_total = d_loss + 0.5 * self.r1_gamma * r1_penalty(self.discriminator, batch)
@@ -144,6 +156,10 @@ class GAN(GenerativeModel):
         self.log_dict({"train/loss": g_loss, "train/g_loss": g_loss, "train/d_loss": d_loss},
                       prog_bar=True, batch_size=n)
         return g_loss
+
+    def _wrapped_by_ddp(self) -> bool:
+        """True when DDP's reducer wraps this module and so wants a gradient for every parameter."""
+        return self._trainer is not None and isinstance(self.trainer.model, DistributedDataParallel)
 
     def configure_optimizers(self):
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.lr_d, betas=self.betas,

@@ -1,8 +1,20 @@
 """Variational autoencoder: trained on the ELBO, scored with the importance-weighted bound (IWAE).
 
-Model: ``z ~ N(0, I)``, ``x | z ~ N(mu_theta(z), diag sigma^2)`` with ``x`` in *model space*. The
-decoder is a proper density on R^D, so ``-log p(x)`` (or any lower bound of ``log p(x)``) goes
-through ``dm.bits_per_dim`` exactly like a flow's NLL. Encoder ``q_phi(z | x) = N(m(x), diag s(x)^2)``.
+Model: ``z ~ N(0, I)``, ``x | z ~ p_theta(x | z)`` with ``x`` in *model space*, and encoder
+``q_phi(z | x) = N(m(x), diag s(x)^2)``. The decoder ``p_theta(x | z)`` (option ``decoder``) is always
+a proper density of the data in model space, so ``-log p(x)`` (or any lower bound of ``log p(x)``)
+goes through ``dm.bits_per_dim`` exactly like a flow's NLL:
+
+* ``gaussian``: ``N(mu_theta(z), diag sigma^2)`` on R^D; for dequantised images a continuous
+  density whose bits/dim is the usual dequantisation bound.
+* ``discretized_logistic``: one logistic per dimension discretised onto the data's ``L`` levels
+  (PixelCNN++-style, edge cells open), ``P(k | z)``;
+* ``categorical``: a free categorical over the ``L`` levels per dimension, ``P(k | z)``.
+
+The two discrete decoders score the level ``k(x)`` of the dequantised ``x`` and report
+``log P(k | z)`` as the piecewise-constant density ``log P(k | z) + D log(L / 2)``
+(:func:`lightning_flows.data.quantisation.piecewise_constant_log_density`), so the bounds below
+are bounds on ``log P(k)`` and ``dm.bits_per_dim`` gives ``-log2 P(k) / D``.
 
     ELBO(x)   = E_q[log p(x | z)] - KL(q(z | x) || N(0, I))                  <= log p(x)
     IWAE_K(x) = E[log (1/K) sum_k p(x, z_k) / q(z_k | x)],  z_k ~ q(. | x)     (Burda et al. 2016)
@@ -19,10 +31,14 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_flows.data.quantisation import bin_centre, bin_index, dequantise, piecewise_constant_log_density
 from lightning_flows.models.base import GenerativeModel
+from lightning_flows.models.discretized import categorical_log_prob, discretized_logistic_log_prob
 from lightning_flows.nn.dcgan import ConvDecoder, ConvEncoder, make_mlp
 
 DecoderScale = Literal["global", "per_dim", "predicted"]
+Decoder = Literal["gaussian", "discretized_logistic", "categorical"]
+DECODERS = ("gaussian", "discretized_logistic", "categorical")
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -37,31 +53,43 @@ def kl_to_standard_normal(mean: Tensor, log_scale: Tensor) -> Tensor:
 
 
 class VAE(GenerativeModel):
-    """Gaussian-latent VAE with a Gaussian decoder in model space.
+    """Gaussian-latent VAE with a Gaussian, discretised-logistic or categorical decoder in model space.
 
     Args:
+        data_levels: the data's quantisation levels ``L``; linked from the DataModule (``dm.levels``)
+            by the CLI and saved in checkpoints, never written in a config. Needed by the discrete
+            decoders; ``None`` for continuous data.
         latent_dim: size of ``z``.
         network: ``auto`` (conv for images, MLP for vectors), ``conv`` or ``mlp``.
         hidden, depth, activation: MLP width, hidden layers (``depth=0``: linear maps) and activation.
         base_channels: conv width at full resolution (doubles per halving).
-        decoder_scale: the decoder's standard deviation: one learned scalar (``global``), one
+        decoder: ``gaussian``, ``discretized_logistic`` or ``categorical`` (see the module docstring).
+        decoder_scale: the Gaussian's or logistic's scale: one learned scalar (``global``), one
             learned value per data dimension (``per_dim``) or output by the decoder (``predicted``).
-        min_log_scale: floor on the decoder log-std; keeps the density finite on near-constant pixels.
+            Unused by ``categorical``.
+        min_log_scale: floor on the decoder log-scale; keeps the density finite on near-constant pixels.
         iwae_k: importance samples ``K`` used by ``log_prob``; ``iwae_chunk``: samples per forward pass.
-        sample_mode: ``mean`` returns ``mu_theta(z)`` (sharp image grids); ``sample`` also adds the
-            decoder noise, i.e. a true draw from ``p(x)``.
+        sample_mode: ``mean`` returns the decoder's mean image (sharp grids: ``mu_theta(z)``, clipped
+            to [-1, 1] for the logistic, the expected cell centre for the categorical); ``sample``
+            returns a true draw from ``p(x)`` (for a discrete decoder a level, dequantised uniformly).
     """
 
     likelihood = "bound"
     objective = "ELBO (variational)"
 
-    def __init__(self, data_shape: Sequence[int] = (2,), latent_dim: int = 16, network: str = "auto",
-                 hidden: int = 256, depth: int = 2, activation: str = "silu", base_channels: int = 32,
-                 decoder_scale: DecoderScale = "per_dim", min_log_scale: float = -7.0, iwae_k: int = 64,
-                 iwae_chunk: int = 16, sample_mode: Literal["mean", "sample"] = "mean",
-                 lr: float = 1e-3, weight_decay: float = 0.0):
+    def __init__(self, data_shape: Sequence[int] = (2,), data_levels: int | None = None, latent_dim: int = 16,
+                 network: str = "auto", hidden: int = 256, depth: int = 2, activation: str = "silu",
+                 base_channels: int = 32, decoder: Decoder = "gaussian", decoder_scale: DecoderScale = "per_dim",
+                 min_log_scale: float = -7.0, iwae_k: int = 64, iwae_chunk: int = 16,
+                 sample_mode: Literal["mean", "sample"] = "mean", lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(data_shape, lr, weight_decay)
         self.save_hyperparameters()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'.")
+        if decoder != "gaussian" and (data_levels is None or data_levels < 2):
+            raise ValueError(f"decoder='{decoder}' models the data's quantisation levels, but data_levels="
+                             f"{data_levels}. The CLI links it from the DataModule; continuous data (toy2d) has "
+                             f"no levels: use decoder: gaussian there, or pass data_levels=dm.levels.")
         if decoder_scale not in ("global", "per_dim", "predicted"):
             raise ValueError(f"decoder_scale must be 'global', 'per_dim' or 'predicted', got '{decoder_scale}'.")
         if sample_mode not in ("mean", "sample"):
@@ -72,19 +100,25 @@ class VAE(GenerativeModel):
             network = "conv" if len(self.data_shape) == 3 else "mlp"
         if network not in ("conv", "mlp"):
             raise ValueError(f"network must be 'auto', 'conv' or 'mlp', got '{network}'.")
+        self.data_levels, self.decoder_kind = data_levels, decoder
         self.latent_dim, self.decoder_scale, self.min_log_scale = latent_dim, decoder_scale, min_log_scale
         self.iwae_k, self.iwae_chunk, self.sample_mode = iwae_k, iwae_chunk, sample_mode
-        # The decoder emits a mean per dimension, plus a log-std per dimension when `predicted`.
-        out_per_dim = 2 if decoder_scale == "predicted" else 1
+        # Decoder outputs per data dimension: L logits (categorical), or a location plus, when
+        # `predicted`, a log-scale.
+        if decoder == "categorical":
+            self.out_per_dim = data_levels
+        else:
+            self.out_per_dim = 2 if decoder_scale == "predicted" else 1
         if network == "conv":
             self.encoder = ConvEncoder(self.data_shape, 2 * latent_dim, base_channels=base_channels)
             self.decoder = ConvDecoder(latent_dim, self.data_shape, base_channels=base_channels,
-                                       out_channels=out_per_dim * self.data_shape[0])
+                                       out_channels=self.out_per_dim * self.data_shape[0])
         else:
             self.encoder = make_mlp(self.dim, 2 * latent_dim, hidden, depth, activation)
-            self.decoder = make_mlp(latent_dim, out_per_dim * self.dim, hidden, depth, activation)
+            self.decoder = make_mlp(latent_dim, self.out_per_dim * self.dim, hidden, depth, activation)
         scale_shape = {"global": (1,), "per_dim": self.data_shape, "predicted": None}[decoder_scale]
-        self.decoder_log_scale = nn.Parameter(torch.zeros(scale_shape)) if scale_shape else None
+        has_scale_parameter = scale_shape is not None and decoder != "categorical"
+        self.decoder_log_scale = nn.Parameter(torch.zeros(scale_shape)) if has_scale_parameter else None
 
     # ---- the two conditionals ----
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,21 +127,34 @@ class VAE(GenerativeModel):
         mean, log_scale = h.chunk(2, dim=-1)
         return mean, log_scale
 
-    def decode(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``z: (N, latent_dim)`` -> mean and log-std of ``p(x | z)``, each ``(N, *data_shape)``
-        (the log-std broadcastable to it)."""
-        h = self.decoder(z)
-        if self.decoder_scale == "predicted":
-            h = h.reshape(z.shape[0], 2, *self.data_shape)
-            mean, log_scale = h[:, 0], h[:, 1]
-        else:
-            mean, log_scale = h.reshape(z.shape[0], *self.data_shape), self.decoder_log_scale
+    def _decoder_outputs(self, z: Tensor) -> Tensor:
+        """``z: (N, latent_dim)`` -> ``(N, out_per_dim, *data_shape)`` (a conv decoder's ``out_per_dim * C``
+        channels are ``out_per_dim`` groups of ``C``)."""
+        return self.decoder(z).reshape(z.shape[0], self.out_per_dim, *self.data_shape)
+
+    def decode(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``z: (N, latent_dim)`` -> the parameters of ``p(x | z)``: location and log-scale (each
+        ``(N, *data_shape)``, the log-scale broadcastable to it) for ``gaussian`` and
+        ``discretized_logistic``; logits ``(N, *data_shape, L)`` and ``None`` for ``categorical``."""
+        h = self._decoder_outputs(z)
+        if self.decoder_kind == "categorical":
+            return h.movedim(1, -1), None
+        mean = h[:, 0]
+        log_scale = h[:, 1] if self.decoder_scale == "predicted" else self.decoder_log_scale
         return mean, log_scale.clamp_min(self.min_log_scale)
 
     def decoder_log_prob(self, x: Tensor, z: Tensor) -> Tensor:
-        """``log p(x | z)`` in nats, ``x: (N, *data_shape)``, ``z: (N, latent_dim)`` -> ``(N,)``."""
-        mean, log_scale = self.decode(z)
-        return gaussian_log_density(x, mean, log_scale).flatten(1).sum(-1)
+        """``log p(x | z)`` in nats, a model-space density, ``x: (N, *data_shape)``, ``z: (N, latent_dim)``
+        -> ``(N,)``; a discrete decoder's ``log P(k(x) | z)`` as its piecewise-constant density."""
+        params, log_scale = self.decode(z)
+        if self.decoder_kind == "gaussian":
+            return gaussian_log_density(x, params, log_scale).flatten(1).sum(-1)
+        k = bin_index(x, self.data_levels)
+        if self.decoder_kind == "categorical":
+            log_p_levels = categorical_log_prob(params, k)
+        else:
+            log_p_levels = discretized_logistic_log_prob(k, params, log_scale, self.data_levels)
+        return piecewise_constant_log_density(log_p_levels.flatten(1).sum(-1), self.dim, self.data_levels)
 
     # ---- the bounds ----
     def elbo(self, x: Tensor) -> Tensor:
@@ -146,8 +193,19 @@ class VAE(GenerativeModel):
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         z = torch.randn(n, self.latent_dim, device=self.device)
-        mean, log_scale = self.decode(z)
+        params, log_scale = self.decode(z)
         self.last_sample_nfe = 1
-        if self.sample_mode == "mean":
-            return mean
-        return mean + torch.exp(log_scale) * torch.randn_like(mean)
+        if self.decoder_kind == "gaussian":
+            return params if self.sample_mode == "mean" else params + torch.exp(log_scale) * torch.randn_like(params)
+        levels = self.data_levels
+        if self.decoder_kind == "categorical":
+            if self.sample_mode == "mean":  # expected cell centre
+                centres = bin_centre(torch.arange(levels, device=params.device), levels, params.dtype)
+                return torch.softmax(params, -1) @ centres
+            k = torch.distributions.Categorical(logits=params).sample()
+        else:
+            if self.sample_mode == "mean":
+                return params.clamp(-1, 1)
+            u = torch.rand_like(params).clamp(1e-6, 1 - 1e-6)
+            k = bin_index(params + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u)), levels)
+        return dequantise(k, torch.rand(k.shape, device=k.device, dtype=params.dtype), levels)

@@ -73,7 +73,19 @@ def ode_log_likelihood(velocity: VelocityModel, x: Tensor, solver: SolverConfig,
     inference mode) nothing is stored, so evaluation memory does not grow with the NFE. The solve runs in
     float32 even inside a bf16/fp16 autocast region (:func:`lightning_flows.performance.full_precision`):
     a log-likelihood must not depend on the training precision.
+
+    Called under ``torch.inference_mode`` (Lightning's validation and test loops), the solve leaves it:
+    the trace ``Tr(df/dz)`` is computed by ``torch.func`` transforms, which need autograd, and inference
+    mode turns autograd off (older torch versions silently returned zero derivatives there: a wrong
+    likelihood). Gradients stay off, so nothing is stored; the result is an ordinary tensor.
     """
+    if torch.is_inference_mode_enabled():
+        # clone(): an inference tensor cannot take part in autograd, even outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            return ode_log_likelihood(velocity, x.clone(), solver, divergence=divergence, probe=probe,
+                                      kinetic_energy=kinetic_energy, jacobian_frobenius=jacobian_frobenius,
+                                      t_noise=t_noise, t_data=t_data, base_log_prob=base_log_prob,
+                                      chunk_size=chunk_size, generator=generator)
     with full_precision(x.device.type):
         return _ode_log_likelihood(velocity, x, solver, divergence, probe, kinetic_energy, jacobian_frobenius,
                                    t_noise, t_data, base_log_prob, chunk_size, generator)

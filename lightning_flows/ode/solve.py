@@ -30,6 +30,20 @@ class ODEStepLimitExceeded(RuntimeError):
     """Raised when a solve needs more function evaluations than its ``max_nfe`` cap."""
 
 
+class ODEStepSizeUnderflow(RuntimeError):
+    """Raised when an adaptive solver's step shrinks to nothing (torchdiffeq's "underflow in dt")."""
+
+
+def _underflow_error(err: AssertionError, config: SolverConfig) -> ODEStepSizeUnderflow:
+    return ODEStepSizeUnderflow(
+        f"The adaptive ODE solver {config.method} (rtol={config.rtol}, atol={config.atol}) shrank its step to "
+        f"nothing (torchdiffeq: {err}): the field is too stiff for these tolerances or blows up, e.g. after "
+        f"training diverged. In the model's solver settings (sampler, test_solver, likelihood_solver, e.g. "
+        f"--model.init_args.sampler.rtol) loosen rtol/atol, or use a fixed-step method (method: rk4 with "
+        f"steps: N, where N bounds the cost); or regularise the field (kinetic_weight / jacobian_weight of a "
+        f"CNF); and check the weights for NaN/inf.")
+
+
 @dataclass
 class SolverConfig:
     """How to integrate an ODE.
@@ -222,9 +236,12 @@ def integrate(field: Callable, y0: Tensor | tuple[Tensor, ...], config: SolverCo
         kwargs["adjoint_params"] = tuple(adjoint_params)
         if config.adaptive and config.adjoint_seminorm:
             kwargs["adjoint_options"] = {"norm": "seminorm"}
-        out = odeint_adjoint(counted, y0, grid, **kwargs)
-    else:
-        out = odeint(counted, y0, grid, **kwargs)
+    try:
+        out = (odeint_adjoint if config.adjoint else odeint)(counted, y0, grid, **kwargs)
+    except AssertionError as err:
+        if "underflow in dt" in str(err):
+            raise _underflow_error(err, config) from err
+        raise
     # Every evaluation from now on belongs to an adjoint backward pass.
     counted.start_backward()
     states = out if times is not None else (tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1])

@@ -1,0 +1,260 @@
+"""Checkpoints that survive any stop: written atomically, always a ``last.ckpt``, checked on resume.
+
+:class:`AtomicCheckpointIO` writes every checkpoint to a temporary file *in the target's directory*,
+fsyncs it and renames it over the target (``os.replace`` is atomic on POSIX), so a crash, SIGKILL or
+full disk during a save leaves the previous file intact. (Lightning's own writer stages the file in
+the system temp directory and *moves* it, which is a copy when that is another filesystem -- the
+usual case for a run directory on a cluster's shared storage.) Loading goes through
+:func:`lightning_flows.checkpoints.read_checkpoint`: ``weights_only=True`` and errors that name the
+file and the fix, plus a check that the file belongs to the family being trained.
+
+:class:`RunCheckpoint` is the ``ModelCheckpoint`` of every ``lightning-flows fit``:
+
+* it saves ``last.ckpt`` whenever training stops: ``max_steps``, ``max_epochs``, ``max_time``, early
+  stopping, the non-finite guard (all end through ``on_train_end``), and SIGTERM (SLURM preemption) or a
+  first Ctrl-C, which request a stop that every DDP rank honours after the same batch (a second Ctrl-C
+  aborts at once, saving nothing), so no stop lands mid-step;
+* after saving it draws the final sample grid (:class:`SampleGridCallback`) from the checkpoint's
+  evaluation weights (EMA when kept), i.e. exactly what ``lightning-flows sample`` would draw;
+* during training it saves every 1000 optimizer steps unless another trigger is given (a step count
+  needs no collective; Lightning's ``train_time_interval`` broadcasts rank 0's clock after every batch);
+* ``--ckpt_path last`` finds the newest ``last.ckpt`` among *all* versions of the experiment
+  (``<save_dir>/<name>/version_*/checkpoints``): a restarted run writes a new version directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_flows.callbacks.sample_grid import SampleGridCallback
+
+DEFAULT_EVERY_N_TRAIN_STEPS = 1000
+# Under DDP, how often (in batches) the ranks agree on whether a signal asked them to stop: a tiny
+# all-reduce, but also a host-device sync, so not after every batch.
+STOP_CHECK_EVERY_N_BATCHES = 10
+
+# Lightning warns that with manual optimisation (the GAN) a checkpoint holds the state *after* the
+# batch's optimizer steps. That is exactly what resuming needs, since the batch will not be replayed.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` such that ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        # os.open with 0o666 lets the umask decide the final permissions, as for any new file.
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    # Temporary files of writers killed mid-save (SIGKILL, power loss) are garbage now.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if not stale.name.startswith(f".{path.name}.{os.getpid()}."):
+            stale.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Atomic local checkpoint writes and safe, checked reads (remote ``scheme://`` paths go to Lightning's).
+
+    Args:
+        model: when set (``RunCheckpoint`` sets it to the model being trained), a checkpoint of another
+            family or configuration is refused with a clear message before Lightning loads its weights.
+    """
+
+    def __init__(self, model: L.LightningModule | None = None):
+        super().__init__()
+        self.model = model
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None, **kwargs) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location)
+        from lightning_flows.checkpoints import read_checkpoint_for
+
+        return read_checkpoint_for(path, self.model, map_location=map_location if map_location is not None else "cpu")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with ``last.ckpt`` on every stop, atomic writes and a final sample grid.
+
+    Takes every ``ModelCheckpoint`` argument. Differences: ``save_last`` defaults to True, and without
+    any of ``every_n_train_steps`` / ``every_n_epochs`` / ``train_time_interval`` it saves every 1000
+    optimizer steps (instead of after each validation, which configs run only every few epochs).
+    """
+
+    def __init__(self, *args, save_last: bool | None = True, every_n_train_steps: int | None = None,
+                 train_time_interval: timedelta | None = None, every_n_epochs: int | None = None, **kwargs):
+        if every_n_train_steps is None and train_time_interval is None and every_n_epochs is None:
+            every_n_train_steps = DEFAULT_EVERY_N_TRAIN_STEPS
+        super().__init__(*args, save_last=save_last, every_n_train_steps=every_n_train_steps,
+                         train_time_interval=train_time_interval, every_n_epochs=every_n_epochs, **kwargs)
+        # setup() fills in dirpath from the logger; remember whether the user chose it.
+        self._dirpath_given = self.dirpath is not None
+        self._previous_handlers: dict[int, Any] = {}
+        self._stop_requested_by: str | None = None
+        self._stopped_by_signal = False
+
+    # ---- atomic, checked checkpoint files for the whole trainer ----
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        io = trainer.strategy.checkpoint_io
+        if type(io) is TorchCheckpointIO:  # leave a user's own CheckpointIO plugin alone
+            io = trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(io, AtomicCheckpointIO):
+            io.model = pl_module
+
+    # ---- last.ckpt on every stop ----
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_requested_by = None
+        self._install_stop_handlers(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Every rank takes the same decision at the same batch (any rank signalled -> all stop), so
+        # training ends through on_train_end everywhere and the final save is an ordinary collective one.
+        requested = self._stop_requested_by is not None
+        if trainer.world_size > 1:
+            if (batch_idx + 1) % STOP_CHECK_EVERY_N_BATCHES:
+                return
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested and not trainer.should_stop:
+            self._stopped_by_signal = True
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_signal_handlers()
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        # Every rank is here (training ended normally), so the collective save is safe.
+        path = self._last_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)
+        self.last_model_path = path
+        if self._stopped_by_signal:
+            rank_zero_info(f"Stopped by a signal at global step {trainer.global_step}; saved {path}. "
+                           f"Resume with --ckpt_path last (or {path}).")
+        self._final_samples(trainer, pl_module, path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+        # SIGTERMException: a SIGTERM before our handlers were installed (setup, sanity check), which
+        # Lightning turns into a stop at a batch boundary. Any other exception may have struck
+        # mid-step: keep the last good checkpoint rather than overwrite it.
+        if not isinstance(exception, SIGTERMException) or trainer.fast_dev_run:
+            return
+        # Ranks may not reach this point together, so no collective: rank 0 holds the same weights
+        # as every rank and writes the file alone.
+        path = self._last_path(trainer)
+        if trainer.is_global_zero:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            rank_zero_info(f"Stopped by a signal at global step {trainer.global_step}; saved {path}. "
+                           f"Resume with --ckpt_path last (or {path}).")
+        self.last_model_path = path
+        self._final_samples(trainer, pl_module, path)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_signal_handlers()
+
+    def _last_path(self, trainer: L.Trainer) -> str:
+        dirpath = self.dirpath or self._checkpoint_dirs(trainer)[0]
+        return os.path.join(dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    @staticmethod
+    def _final_samples(trainer: L.Trainer, pl_module: L.LightningModule, path: str) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, SampleGridCallback):
+                callback.draw_final(trainer, pl_module, path)
+
+    # ---- SIGTERM / Ctrl-C: stop every rank at the same batch boundary ----
+    def _install_stop_handlers(self, trainer: L.Trainer) -> None:
+        """While training, SIGTERM and a first Ctrl-C only *request* a stop, honoured after the batch.
+
+        They replace Lightning's own SIGTERM handler for the duration of training: that one raises on
+        each rank as soon as *its* copy of the signal arrives, so under DDP the ranks can leave at
+        different batches, with collectives left unmatched (one rank then hangs or reads garbage).
+        """
+        if os.name != "posix":
+            return
+
+        def request_stop(signum, frame):
+            # No need to forward the signal to other ranks: the request is all-reduced after each batch.
+            self._stop_requested_by = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                # A second Ctrl-C aborts at once (KeyboardInterrupt, nothing saved).
+                signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+                rank_zero_info("\nCtrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again to abort).")
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.getsignal(signum)
+                signal.signal(signum, request_stop)
+            except ValueError:  # not the main thread: leave signals to Lightning
+                continue
+            self._previous_handlers[signum] = previous
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            try:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+        self._previous_handlers = {}
+
+    # ---- `--ckpt_path last` across the versions of one experiment ----
+    def _checkpoint_dirs(self, trainer: L.Trainer) -> list[str]:
+        """This run's checkpoint directory first, then those of the experiment's other versions."""
+        if self._dirpath_given:
+            return [str(self.dirpath)]
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            own = root / version / "checkpoints"
+            others = sorted(str(p) for p in root.glob("*/checkpoints") if p != own)
+            return [str(own), *others]
+        return [os.path.join(trainer.default_root_dir, "checkpoints")]
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        found = set()
+        for directory in self._checkpoint_dirs(trainer):
+            found |= {os.path.normpath(p) for p in Path(directory).glob(f"{self.CHECKPOINT_NAME_LAST}*.ckpt")}
+        return found

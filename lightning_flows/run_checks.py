@@ -1,0 +1,132 @@
+"""Checks a run makes before it starts, so that a mistake costs seconds, not a night of training.
+
+Each failure is a :class:`RunSetupError` that names the setting and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class RunSetupError(ValueError):
+    """A run that cannot work as configured, with the fix in the message."""
+
+
+def _requested_device_count(devices: Any) -> int | None:
+    """How many devices ``--trainer.devices`` asks for (None: 'auto' / -1, i.e. all there are)."""
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices in ("auto", "-1"):
+            return None
+        if "," in devices:  # "0,1": device indices
+            indices = [int(i) for i in devices.split(",") if i.strip()]
+            return max(indices) + 1 if indices else None
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        return max(int(i) for i in devices) + 1 if devices else None
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    return None
+
+
+def check_devices_exist(accelerator: Any, devices: Any) -> None:
+    """Refuse more GPUs (or MPS devices) than the machine has, before Lightning fails further down."""
+    if not isinstance(accelerator, str):
+        return  # an Accelerator instance: its owner knows what it does
+    accelerator = accelerator.lower()
+    requested = _requested_device_count(devices)
+    if requested is None:
+        return
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        kind, available = "CUDA GPU", torch.cuda.device_count()
+    elif accelerator == "mps":
+        kind, available = "MPS device", int(torch.backends.mps.is_available())
+    else:
+        return  # CPU "devices" are processes, not hardware
+    if requested > available:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        note = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None and kind == "CUDA GPU" else ""
+        raise RunSetupError(
+            f"--trainer.devices {devices} asks for {requested} {kind}(s) but this machine has {available}{note}. "
+            f"Lower --trainer.devices (at most {available}), or train on processes with "
+            f"--trainer.accelerator cpu --trainer.devices N.")
+
+
+def _output_dirs(config) -> list[tuple[str, str]]:
+    """(directory, the option that sets it) for everything a run writes."""
+    trainer = config.trainer
+    dirs = [(trainer.default_root_dir or os.getcwd(), "--trainer.default_root_dir")]
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        save_dir = getattr(init_args, "save_dir", None) if init_args is not None else None
+        if save_dir:
+            dirs.append((save_dir, "--trainer.logger.init_args.save_dir"))
+    checkpoint = getattr(config, "checkpoint", None)
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        dirs.append((checkpoint.dirpath, "--checkpoint.dirpath"))
+    return [(str(d), option) for d, option in dirs if "://" not in str(d)]  # remote storage: not checked
+
+
+def check_writable(directory: str | Path, option: str) -> None:
+    """Create ``directory`` if needed and write (then remove) a file in it; a clear error if that fails."""
+    directory = Path(directory)
+    probe = directory / f".lightning_flows_write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunSetupError(
+            f"Cannot write to {directory} ({err.strerror or type(err).__name__}); this run would lose its "
+            f"checkpoints, logs and samples there. Pass a writable directory with {option} DIR.") from None
+
+
+def check_output_dirs_writable(config) -> None:
+    """Every directory the run will write to (root, logger, checkpoints) exists or can be made, and is writable."""
+    for directory, option in _output_dirs(config):
+        check_writable(directory, option)
+
+
+# Names Lightning resolves itself (and files on remote storage): nothing to read ahead of it.
+_SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(config) -> None:
+    """Read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
+
+    Lightning's CLI (from 2.5.5) then replaces the config's model options by the checkpoint's (the
+    weights only fit the architecture they were trained with); a warning lists the options that change.
+    (Older versions build the configured model, and loading refuses weights of another configuration.)
+    """
+    from lightning_flows.checkpoints import CheckpointError, read_checkpoint, resolve_model_class
+
+    path = str(config.ckpt_path)
+    if path in _SYMBOLIC_CKPT_PATHS or path.startswith("registry:") or "://" in path:
+        return
+    checkpoint = read_checkpoint(path)
+    cls = resolve_model_class(checkpoint, path)
+    configured = str(config.model.class_path) if config.get("model") is not None else ""
+    if configured and configured.rpartition(".")[2] != cls.__name__:
+        raise CheckpointError(f"{path} was written by a {cls.__name__} run, but this run trains "
+                              f"{configured.rpartition('.')[2]}; pass a checkpoint of the same family and config "
+                              f"to --ckpt_path, or drop --ckpt_path to start afresh.")
+    from lightning.pytorch.cli import LightningCLI
+
+    if not hasattr(LightningCLI, "_parse_ckpt_path"):
+        return
+    saved = checkpoint.get("hyper_parameters") or {}
+    init_args = config.model.get("init_args") if configured else None
+    given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    changed = [f"{key}={saved[key]!r} (config: {given[key]!r})" for key in given
+               if key in saved and key != "data_shape" and isinstance(given[key], (bool, int, float, str))
+               and given[key] != saved[key]]
+    if changed:
+        rank_zero_warn(f"--ckpt_path {path}: the checkpoint's model options replace the config's, since its weights "
+                       f"need them: {', '.join(changed)}.")

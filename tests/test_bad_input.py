@@ -1,0 +1,236 @@
+"""Bad input gets a clear error that names the fix; each test asserts the message.
+
+(Also covered elsewhere: an unknown dataset name in tests/test_data.py and tests/test_cli.py, a checkpoint
+naming a foreign class in tests/test_checkpoint_security.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from subprocess_runs import ROOT
+
+from lightning_flows.cli import main
+from lightning_flows.data import GenerativeDataModule
+from lightning_flows.models import GAN
+from lightning_flows.ode import SolverConfig, integrate
+from lightning_flows.ode.solve import ODEStepSizeUnderflow
+
+TOY = str(ROOT / "experiments/toy2d/flow_matching.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.accelerator", "cpu", "--sample_grid.n", "16", "--model.init_args.sampler.steps", "2"]
+
+
+def _dirs(root) -> list[str]:
+    return ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
+
+
+def _fit_error(capsys, *args: str) -> str:
+    """Run ``lightning-flows fit`` expecting a clean exit with an error; return what it printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code != 0
+    printed = capsys.readouterr().err
+    return printed + (exit_info.value.code if isinstance(exit_info.value.code, str) else "")
+
+
+# ---- unknown model, unknown config keys ----
+@pytest.mark.parametrize("given", ["Flowmatching", "lightning_flows.models.Flowmatching"])
+def test_unknown_model_lists_the_families_and_the_closest(tmp_path, capsys, given):
+    message = _fit_error(capsys, "--config", TOY, *_dirs(tmp_path), "--model", given)
+    assert "Choose a model family: CNF, Diffusion, FlowMatching, GAN, Glow, RealNVP, VAE" in message
+    assert "Did you mean 'FlowMatching'?" in message
+
+
+@pytest.mark.parametrize("option,suggestion", [("--trainer.max_stepz", "--trainer.max_steps"),
+                                               ("--data.batchsize", "--data.batch_size"),
+                                               ("--sample_grid.m", "--sample_grid.n")])
+def test_unknown_command_line_option_suggests_the_closest(tmp_path, capsys, option, suggestion):
+    message = _fit_error(capsys, "--config", TOY, *_dirs(tmp_path), option, "3")
+    assert f"unrecognized arguments: {option}" in message.lower() and f"Did you mean '{suggestion}'" in message
+
+
+def test_unknown_key_in_a_config_file_suggests_the_closest(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  max_stepz: 3\n")
+    message = _fit_error(capsys, "--config", TOY, "--config", str(config), *_dirs(tmp_path))
+    assert "Unknown option --trainer.max_stepz. Did you mean '--trainer.max_steps'" in message
+
+
+def test_unknown_model_option_names_the_family_its_options_and_the_closest(tmp_path, capsys):
+    message = _fit_error(capsys, "--config", TOY, *_dirs(tmp_path), "--model.init_args.hiden", "3")
+    assert "FlowMatching has no option 'hiden'. Did you mean 'hidden'?" in message
+    assert "Its options: data_shape, backbone, hidden, depth" in message
+
+
+# ---- a model that does not fit the data ----
+@pytest.mark.parametrize("family,message", [
+    ("glow", r"architecture='multiscale' needs images \(C, H, W\), got data_shape=\(2,\); use architecture='mlp'"),
+    ("realnvp", r"architecture='multiscale' needs images .*use architecture='mlp' for vectors"),
+    ("gan", r"ConvDecoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
+    ("vae", r"ConvEncoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
+    ("diffusion", r"TimeUNet needs image data of shape \(C, H, W\).*\(2,\).*backbone: mlp"),
+    ("cnf", r"ConcatConvField needs image data of shape \(C, H, W\), got \(2,\); use field: mlp"),
+])
+def test_an_image_family_on_2d_data_names_the_vector_architecture(tmp_path, family, message):
+    with pytest.raises(SystemExit, match="^error: " + message):
+        main(["fit", "--config", str(ROOT / f"experiments/digits/{family}.yaml"), "--data.dataset", "8gaussians",
+              *_dirs(tmp_path)])
+
+
+def test_a_model_built_for_another_channel_count_names_both_shapes():
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"GAN was built for examples of shape \(3, 8, 8\) but got a batch of "
+                                         r"shape \(64, 1, 8, 8\); check that the model and data configs agree"):
+        trainer.fit(GAN((3, 8, 8)), GenerativeDataModule("digits", batch_size=64))
+
+
+# ---- where the run writes, what it runs on ----
+@pytest.mark.parametrize("option", ["--trainer.default_root_dir", "--trainer.logger.init_args.save_dir"])
+def test_an_unwritable_output_directory_fails_before_training(tmp_path, option):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a directory cannot be made below a file (as root too, unlike a chmod)
+    dirs = {"--trainer.default_root_dir": str(tmp_path / "ok"), "--trainer.logger.init_args.save_dir": str(tmp_path)}
+    dirs[option] = str(blocker / "runs")
+    args = [item for pair in dirs.items() for item in pair]
+    with pytest.raises(SystemExit, match=rf"^error: Cannot write to {blocker / 'runs'} \(.*\); this run would lose "
+                                         rf"its checkpoints, logs and samples there. Pass a writable directory "
+                                         rf"with {option} DIR"):
+        main(["fit", "--config", TOY, *QUIET, *args, "--trainer.max_steps", "1"])
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_more_gpus_than_the_machine_has(tmp_path):
+    have = torch.cuda.device_count()
+    with pytest.raises(SystemExit, match=rf"^error: --trainer.devices {have + 1} asks for {have + 1} CUDA GPU\(s\) "
+                                         rf"but this machine has {have}.*Lower --trainer.devices \(at most {have}\)"
+                                         rf".*--trainer.accelerator cpu"):
+        main(["fit", "--config", TOY, *_dirs(tmp_path), "--trainer.accelerator", "gpu",
+              "--trainer.devices", str(have + 1)])
+
+
+# ---- FID without network access ----
+def test_inception_fid_offline_without_weights_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    from lightning_flows.metrics.features import InceptionFeatures
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy either
+    with pytest.raises(RuntimeError, match=r"Could not download torch-fidelity's Inception-v3 weights.*Offline, "
+                                           r"fetch https://\S+\.pth on a connected machine and pass the local "
+                                           r"file: feature_extractor_weights_path=<file.pth>"):
+        InceptionFeatures()
+    with pytest.raises(FileNotFoundError, match=r"Inception weights file .*missing.pth does not exist; pass the "
+                                                r"path of weights-inception-\S+\.pth as "
+                                                r"feature_extractor_weights_path"):
+        InceptionFeatures(tmp_path / "missing.pth")
+
+
+# ---- an ODE the adaptive solver cannot follow ----
+def test_underflow_in_dt_names_the_solver_settings_to_change():
+    blows_up = lambda x, t: x ** 2  # noqa: E731  x(t) = 2 / (1 - 2t): infinite at t = 1/2
+    config = SolverConfig(method="dopri5", rtol=1e-5, atol=1e-5, max_nfe=100_000)
+    with pytest.raises(ODEStepSizeUnderflow, match=r"adaptive ODE solver dopri5 \(rtol=1e-05, atol=1e-05\) shrank its "
+                                                   r"step to nothing \(torchdiffeq: underflow in dt .*\).*loosen "
+                                                   r"rtol/atol, or use a fixed-step method \(method: rk4 with steps"):
+        integrate(blows_up, torch.full((3,), 2.0), config)
+
+
+# ---- checkpoints: truncated, foreign, another family, another configuration ----
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Real last.ckpt files of tiny runs: flow matching (hidden 32 and 16) and a GAN, on toy 2D data."""
+    root = tmp_path_factory.mktemp("ckpts")
+    runs = {"fm": (TOY, ["--model.init_args.hidden", "32"]),
+            "fm16": (TOY, ["--model.init_args.hidden", "16"]),
+            "gan": (str(ROOT / "experiments/toy2d/gan.yaml"), ["--model.init_args.hidden", "16"])}
+    paths = {}
+    for name, (config, extra) in runs.items():
+        extra = extra + (["--model.init_args.sampler.steps", "2"] if name != "gan" else [])
+        main(["fit", "--config", config, *extra, *_dirs(root / name), "--trainer.max_steps", "2",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.accelerator", "cpu", "--sample_grid.n", "16"])
+        (paths[name],) = (root / name).glob("**/last.ckpt")
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(paths["fm"].read_bytes()[: paths["fm"].stat().st_size // 2])
+    foreign = root / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, foreign)  # a torch file of someone else's
+    paths.update(truncated=truncated, foreign=foreign)
+    return paths
+
+
+SAMPLE_AND_RESUME_ERRORS = {
+    "truncated": r"Could not read checkpoint .*truncated.ckpt .*The file is corrupt, truncated or not a "
+                 r"lightning-flows checkpoint; use another one from the run's checkpoints/ directory",
+    "foreign": r".*foreign.ckpt is a torch file but not a lightning-flows model checkpoint \(no model class "
+               r"recorded\); pass a checkpoint written by `lightning-flows fit`",
+}
+
+
+@pytest.mark.parametrize("kind", SAMPLE_AND_RESUME_ERRORS)
+def test_sample_refuses_a_truncated_or_foreign_checkpoint(checkpoints, tmp_path, kind):
+    with pytest.raises(SystemExit, match="^error: " + SAMPLE_AND_RESUME_ERRORS[kind]):
+        main(["sample", "--ckpt", str(checkpoints[kind]), "--out", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize("kind,message", [
+    *SAMPLE_AND_RESUME_ERRORS.items(),
+    ("gan", r".*gan.*last.ckpt was written by a GAN run, but this run trains FlowMatching; pass a checkpoint of the "
+            r"same family and config to --ckpt_path, or drop --ckpt_path to start afresh"),
+])
+def test_ckpt_path_refuses_a_truncated_foreign_or_other_family_checkpoint(checkpoints, tmp_path, kind, message):
+    with pytest.raises(SystemExit, match="^error: " + message):
+        main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+              "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints[kind])])
+    assert not list(tmp_path.glob("**/*.ckpt"))  # refused before any training
+
+
+def test_ckpt_path_of_another_configuration_is_either_adopted_with_a_warning_or_refused(checkpoints, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    args = ["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+            "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm16"])]
+    if not hasattr(LightningCLI, "_parse_ckpt_path"):
+        # Lightning < 2.5.5 builds the configured model; loading then refuses the other weights.
+        with pytest.raises(SystemExit, match=r"^error: .*holds FlowMatching weights of another configuration"):
+            main(args)
+        return
+    # Lightning >= 2.5.5 replaces the config's model options by the checkpoint's; we say which ones changed.
+    with pytest.warns(UserWarning, match=r"the checkpoint's model options replace the config's, since its weights "
+                                         r"need them: hidden=16 \(config: 32\)"):
+        main(args)
+    (last,) = tmp_path.glob("**/last.ckpt")
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 4 and saved["hyper_parameters"]["hidden"] == 16
+
+
+def test_resuming_a_model_of_another_configuration_from_python_names_the_mismatch(checkpoints):
+    import lightning as L
+
+    from lightning_flows.callbacks.checkpointing import RunCheckpoint
+    from lightning_flows.checkpoints import CheckpointError
+    from lightning_flows.models import FlowMatching
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[RunCheckpoint(dirpath=str(checkpoints["fm"].parent / "py"))])
+    with pytest.raises(CheckpointError, match=r".*last.ckpt holds FlowMatching weights of another configuration "
+                                              r"\(velocity\.\S+: \(16, \d+\) in the file, \(32, \d+\) in "
+                                              r"this model;.*\). Resume with the config and model options"):
+        trainer.fit(FlowMatching((2,), hidden=32), GenerativeDataModule("8gaussians", batch_size=64),
+                    ckpt_path=str(checkpoints["fm16"]))
+
+
+def test_ckpt_path_accepts_its_own_checkpoint(checkpoints, tmp_path):
+    main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+          "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm"])])
+    (last,) = tmp_path.glob("**/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # resumed at 2, trained to 4
