@@ -62,7 +62,8 @@ def full_precision(device_type: str | None = None) -> Iterator[None]:
 
 # ---- logging cadence ----
 def logs_this_step(trainer) -> bool:
-    """True on the training steps whose on-step metrics the logger writes (every ``log_every_n_steps``).
+    """True on the training steps whose on-step metrics the logger writes (every ``log_every_n_steps``), and
+    on a run's first step (so that the progress bar shows a loss at once).
 
     Lightning drops on-step values logged on the other steps (the progress bar shows the last one), yet
     each ``self.log`` still costs its bookkeeping; callers skip logging when this is False. Outside a
@@ -72,7 +73,7 @@ def logs_this_step(trainer) -> bool:
     if connector is None:
         return True
     try:
-        return bool(connector.should_update_logs)
+        return bool(connector.should_update_logs) or trainer.global_step == 0
     except Exception:  # noqa: BLE001 - a future Lightning may restructure this; logging every step is safe
         return True
 

@@ -204,6 +204,19 @@ def test_training_loss_is_logged_on_the_logger_steps_only(tmp_path):
     assert all(r["train/skipped_steps"] == "0.0" for r in rows)
 
 
+@pytest.mark.parametrize("make", [toy_model, lambda: RealNVP(data_shape=(2,), steps=2, hidden=16)],
+                         ids=["flow_matching", "realnvp"])
+def test_training_step_logs_are_recorded_only_when_the_logger_writes_them(make, monkeypatch):
+    recorded = []
+    original = L.LightningModule.log
+    monkeypatch.setattr(L.LightningModule, "log", lambda self, name, *a, **k: (recorded.append(
+        (self._current_fx_name, name, self.trainer.global_step)), original(self, name, *a, **k))[1])
+    trainer = quiet_trainer([], log_every_n_steps=3, max_steps=6)
+    trainer.fit(make(), GenerativeDataModule("8gaussians", batch_size=32))
+    steps = [step for fx, name, step in recorded if fx == "training_step" and name == "train/loss"]
+    assert steps == [0, 2, 5]  # the first step (progress bar), then the steps Lightning writes
+
+
 class CountMetricReads(L.Callback):
     def __init__(self, bar: IntervalProgressBar):
         self.reads = 0

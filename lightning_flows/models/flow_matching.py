@@ -24,7 +24,6 @@ from lightning_flows.flow_matching import (
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn import make_time_backbone
 from lightning_flows.ode import SolverConfig, as_solver_config, integrate, ode_log_likelihood
-from lightning_flows.performance import logs_this_step
 
 __all__ = ["FlowMatching", "linear_path"]
 
@@ -131,8 +130,7 @@ class FlowMatching(GenerativeModel):
             return super().training_step(batch, batch_idx)
         self._check_input(batch.x1)
         loss = self.regression_loss(batch)
-        if logs_this_step(self._trainer):
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch.x1.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.x1.shape[0])
         return loss
 
     def train_batch_stage(self, loader: Iterable, seed: int) -> Iterable:
