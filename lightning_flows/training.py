@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import copy
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import (DistributedReplicas, EvaluationCallback, NonFiniteGuard, PerStepSeed,
                                        SampleGridCallback)
 from lightning_flows.callbacks.checkpointing import RunCheckpoint
 from lightning_flows.callbacks.run_directory import RunDirectoryReport
+from lightning_flows.callbacks.progress import IntervalProgressBar
 from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import link_data_facts
 from lightning_flows.logger_placement import DEFAULT_LOGGER, place_loggers
 from lightning_flows.models import GenerativeModel
+from lightning_flows.performance import PerformanceOptions
 from lightning_flows.run_checks import (
     RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
 )
@@ -43,7 +46,8 @@ class FlowsCLI(LightningCLI):
     """LightningCLI with the DataModule's facts (example shape, quantisation levels; see
     :mod:`lightning_flows.data.facts`) linked into every model that takes them and, on every run: sample
     grids, a non-finite guard, the shared evaluation callback, per-rank per-step seeding, replicas that end
-    identical, and checkpoints that survive any stop."""
+    identical, checkpoints that survive any stop, the performance switches and a progress bar that redraws
+    by the clock."""
 
     def add_arguments_to_parser(self, parser) -> None:
         link_data_facts(parser)  # data_shape, data_levels, ... into the models that take them
@@ -54,6 +58,9 @@ class FlowsCLI(LightningCLI):
         # The one evaluator, so `lightning-flows test` reports what the benchmark reports
         # (`--evaluation.spec.n_samples`, ...; `--evaluation.every_n_epochs k` also evaluates while fitting).
         parser.add_lightning_class_args(EvaluationCallback, "evaluation")
+        # Speed switches (fused Adam and TF32 on CUDA by default; channels_last and torch.compile opt-in):
+        # `--performance.compile true`, ... ; bf16 is Lightning's `--trainer.precision bf16-mixed`.
+        parser.add_lightning_class_args(PerformanceOptions, "performance")
         # last.ckpt and a final sample grid on every stop, atomic writes, `--ckpt_path last` across versions
         # (`--checkpoint.every_n_train_steps`, `--checkpoint.train_time_interval`, ...: any ModelCheckpoint option).
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -136,7 +143,10 @@ class FlowsCLI(LightningCLI):
         # takes the ranks it launched down with it.
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
-        config["callbacks"] = [PerStepSeed(), DistributedReplicas(), RunDirectoryReport(), *listed]
+        # The progress bar redraws by the clock (see IntervalProgressBar) unless the run has none or its own.
+        bar = [] if config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in listed) \
+            else [IntervalProgressBar()]
+        config["callbacks"] = [PerStepSeed(), DistributedReplicas(), RunDirectoryReport(), *listed, *bar]
         trainer = self._instantiate_trainer(config, callbacks)
         _drop_unset_wandb_arguments(trainer)
         return trainer

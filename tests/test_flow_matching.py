@@ -83,5 +83,31 @@ def test_hutchinson_log_prob_is_an_unbiased_estimate_of_the_exact_one():
 
 
 def test_unknown_likelihood_divergence_is_rejected():
-    with pytest.raises(ValueError, match="likelihood_divergence must be 'exact' or 'hutchinson'"):
+    with pytest.raises(ValueError, match="likelihood_divergence must be 'auto', 'exact' or 'hutchinson'"):
         FlowMatching(data_shape=(2,), likelihood_divergence="trace")
+
+
+def test_auto_likelihood_is_exact_up_to_the_threshold_and_a_labelled_estimate_above():
+    small = FlowMatching(data_shape=(1, 8, 8), base_channels=8, channel_mults=(1, 2))
+    large = FlowMatching(data_shape=(1, 16, 16), base_channels=8, channel_mults=(1, 2))
+    assert (small.likelihood_divergence, small.likelihood_kind) == ("exact", "exact")
+    assert (large.likelihood_divergence, large.likelihood_kind) == ("hutchinson", "estimate")
+    assert set(large.likelihood_estimators()) == {"estimate"}
+    forced = FlowMatching(data_shape=(1, 16, 16), base_channels=8, channel_mults=(1, 2),
+                          likelihood_divergence="exact")
+    assert forced.likelihood_kind == "exact"
+    lower = FlowMatching(data_shape=(1, 8, 8), base_channels=8, channel_mults=(1, 2), exact_likelihood_max_dim=16)
+    assert lower.likelihood_kind == "estimate"
+
+
+def test_exact_log_prob_with_chunked_trace_equals_the_unchunked_one():
+    torch.manual_seed(0)
+    solver = {"method": "rk4", "steps": 2}
+    whole = FlowMatching(data_shape=(1, 4, 4), base_channels=8, channel_mults=(1, 2), likelihood_solver=solver,
+                         trace_chunk_size=None).double()
+    chunked = FlowMatching(data_shape=(1, 4, 4), base_channels=8, channel_mults=(1, 2), likelihood_solver=solver,
+                           trace_chunk_size=3).double()
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.log_prob(x), whole.log_prob(x), atol=1e-10, rtol=0)

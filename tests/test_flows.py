@@ -238,3 +238,37 @@ def test_actnorm_init_identical_across_two_ddp_ranks(tmp_path):
     both = torch.cat([r0["x"], r1["x"]]).transpose(0, 1).reshape(3, -1)
     assert torch.allclose(r0["bias"], -both.mean(1), atol=1e-10)
     assert torch.allclose(r0["log_scale"], -torch.log(both.std(1, unbiased=False) + 1e-6), atol=1e-10)
+
+
+def test_actnorm_forward_reads_no_tensor_flag_once_initialised(monkeypatch):
+    layer = ActNorm(2).train()
+    layer(torch.randn(64, 2))
+    reads = []
+    original = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or original(self))
+    layer(torch.randn(8, 2))
+    layer(torch.randn(8, 2))
+    monkeypatch.undo()
+    assert reads == []  # no host read of the buffer (a device sync on a GPU) in a training forward
+
+
+def test_actnorm_host_flag_follows_state_dict_loads_both_ways():
+    trained = ActNorm(2).train()
+    trained(torch.randn(64, 2) * 3 + 1)
+    untrained = ActNorm(2)
+    layer = ActNorm(2).train()
+    layer.load_state_dict(trained.state_dict())
+    assert layer._initialized
+    layer.load_state_dict(untrained.state_dict())  # an uninitialised state re-arms the data-dependent init
+    assert not layer._initialized
+    x = torch.randn(64, 2) * 5 - 2
+    z, _ = layer(x)
+    assert layer._initialized and bool(layer.initialized)
+    assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-5)
+    # A flag copied into the buffer in place (as an EMA swap does) is picked up without re-initialising.
+    other = ActNorm(2).train()
+    with torch.no_grad():
+        other.initialized.copy_(torch.tensor(True))
+        other.bias.fill_(0.5)
+    other(x)
+    assert other._initialized and torch.equal(other.bias.detach(), torch.full((2,), 0.5))

@@ -16,22 +16,24 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_flows.callbacks import NonFiniteGuard
+from lightning_flows.callbacks.non_finite import non_finite_flag, skips_on_device
 from lightning_flows.models import RealNVP
 
 
 class TinyRegressor(L.LightningModule):
-    """``loss = mean((W x)^2) + offset``; ``offset`` lets a test make the loss inf with finite grads."""
+    """``loss = mean((W x)^2) + offset``; ``offset`` lets a test make the loss inf with finite grads;
+    ``fused`` builds Adam's fused kernel (the guard then skips on the device, through ``found_inf``)."""
 
-    def __init__(self, offset: float = 0.0):
+    def __init__(self, offset: float = 0.0, fused: bool = False):
         super().__init__()
         self.net = torch.nn.Linear(3, 3)
-        self.offset = offset
+        self.offset, self.fused = offset, fused
 
     def training_step(self, batch, batch_idx):
         return self.net(batch[0]).pow(2).mean() + self.offset
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.1, weight_decay=0.1)
+        return torch.optim.Adam(self.parameters(), lr=0.1, weight_decay=0.1, fused=self.fused)
 
 
 class WeightRecorder(L.Callback):
@@ -67,13 +69,28 @@ def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+class OptimizerStateRecorder(L.Callback):
+    """Adam's step counts and moments after every training batch."""
+
+    def __init__(self):
+        self.after = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        state = trainer.optimizers[0].state
+        self.after.append({(id(p), k): v.detach().clone() for p, s in state.items() for k, v in s.items()})
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-skip", "device-skip"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nan_or_inf_batch_leaves_weights_finite_and_unchanged(value):
+def test_nan_or_inf_batch_leaves_weights_finite_and_unchanged(value, fused):
     torch.manual_seed(0)
-    guard, recorder = NonFiniteGuard(max_consecutive=5), WeightRecorder()
-    model = TinyRegressor()
-    quiet_trainer([guard, recorder]).fit(model, batches_with_nan_at(3, bad={1}, value=value))
+    guard, recorder, moments = NonFiniteGuard(max_consecutive=5), WeightRecorder(), OptimizerStateRecorder()
+    model = TinyRegressor(fused=fused)
+    trainer = quiet_trainer([guard, recorder, moments])
+    trainer.fit(model, batches_with_nan_at(3, bad={1}, value=value))
+    assert skips_on_device(trainer.optimizers[0], trainer) == fused
     assert guard.skipped_steps == 1 and guard.stop_reason is None
+    assert all(torch.equal(moments.after[0][k], moments.after[1][k]) for k in moments.after[0])  # no moment, no step
     assert not same(recorder.before[0], recorder.after[0])  # a good step moves the weights
     assert same(recorder.before[1], recorder.after[1])  # the bad one does not (nor Adam's decay)
     assert not same(recorder.before[2], recorder.after[2])  # training continues afterwards
@@ -88,18 +105,50 @@ def test_without_the_guard_the_same_batch_poisons_the_weights():
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_infinite_loss_with_finite_gradients_is_skipped():
+@pytest.mark.parametrize("fused", [False, True], ids=["host-skip", "device-skip"])
+def test_infinite_loss_with_finite_gradients_is_skipped(fused):
     torch.manual_seed(0)
     guard, recorder = NonFiniteGuard(), WeightRecorder()
-    quiet_trainer([guard, recorder], max_steps=2).fit(TinyRegressor(offset=float("inf")), batches_with_nan_at(2, set()))
+    model = TinyRegressor(offset=float("inf"), fused=fused)
+    quiet_trainer([guard, recorder], max_steps=2).fit(model, batches_with_nan_at(2, set()))
     assert guard.skipped_steps == 2
     assert all(same(b, a) for b, a in zip(recorder.before, recorder.after))
 
 
-def test_consecutive_bad_steps_stop_training_and_checkpoint_holds_last_good_weights(tmp_path):
+def test_disabled_guard_lets_the_nan_through():
     torch.manual_seed(0)
-    guard, recorder = NonFiniteGuard(max_consecutive=3), WeightRecorder()
     model = TinyRegressor()
+    quiet_trainer([NonFiniteGuard(enabled=False)]).fit(model, batches_with_nan_at(3, bad={1}))
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_flag_is_one_device_tensor_for_nan_inf_and_overflowing_gradients():
+    def params(*grads):
+        out = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g
+            out.append(p)
+        return out
+
+    finite = params(torch.randn(4, 3), torch.randn(3))
+    assert non_finite_flag(finite).shape == () and not bool(non_finite_flag(finite))
+    for bad in (float("nan"), float("inf"), -float("inf"), 1e20):  # 1e20**2 overflows Adam's second moment too
+        grads = [torch.randn(4, 3), torch.randn(3)]
+        grads[1][2] = bad
+        assert bool(non_finite_flag(params(*grads))), bad
+    assert bool(non_finite_flag(finite, losses=[torch.tensor(float("inf"))]))
+    assert not bool(non_finite_flag(finite, losses=[torch.tensor(2.0)]))
+    assert bool(non_finite_flag([], losses=[torch.tensor(float("nan"))]))
+    assert non_finite_flag([torch.nn.Parameter(torch.zeros(2))]) is None  # no gradient: nothing to check
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-skip", "device-skip"])
+def test_consecutive_bad_steps_stop_training_and_checkpoint_holds_last_good_weights(tmp_path, fused):
+    torch.manual_seed(0)
+    # On the device the host reads the counters every check_every_n_steps steps: 1 stops at the same step.
+    guard, recorder = NonFiniteGuard(max_consecutive=3, check_every_n_steps=1), WeightRecorder()
+    model = TinyRegressor(fused=fused)
     loader = batches_with_nan_at(10, bad=set(range(2, 10)))
     trainer = quiet_trainer([guard, recorder], enable_checkpointing=True, default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="3 consecutive optimizer steps"):
@@ -168,7 +217,7 @@ DDP_SCRIPT = textwrap.dedent('''
         def training_step(self, batch, batch_idx):
             return self.net(batch[0]).pow(2).mean()
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.1)
+            return torch.optim.Adam(self.parameters(), lr=0.1, fused=self.fused)
 
     class OnlyRankOneGetsNaN(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -181,6 +230,7 @@ DDP_SCRIPT = textwrap.dedent('''
 
     L.seed_everything(0)
     guard, model = NonFiniteGuard(), Tiny()
+    model.fused = sys.argv[2] == "fused"
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[guard])
@@ -192,13 +242,25 @@ DDP_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ddp_ranks_agree_to_skip_when_only_one_sees_nan(tmp_path):
+@pytest.mark.parametrize("optimizer", ["unfused", "fused"], ids=["host-skip", "device-skip"])
+def test_ddp_ranks_agree_to_skip_when_only_one_sees_nan(tmp_path, optimizer):
     script = tmp_path / "guard_ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), optimizer], env=env, capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == 1
     assert same(r0["state"], r1["state"]) and all(torch.isfinite(v).all() for v in r0["state"].values())
+
+
+def test_device_skip_stops_at_the_next_check_after_too_many_bad_steps():
+    torch.manual_seed(0)
+    guard = NonFiniteGuard(max_consecutive=3, check_every_n_steps=4)
+    trainer = quiet_trainer([guard])
+    with pytest.warns(UserWarning, match="consecutive optimizer steps"):
+        trainer.fit(TinyRegressor(fused=True), batches_with_nan_at(12, bad=set(range(2, 12))))
+    # 2 good steps, then bad ones: the run of 3 is complete at step 5, read at the check after step 8.
+    assert trainer.global_step == 8 and guard.skipped_steps == 6 and guard.consecutive == 6
+    assert guard.state_dict() == {"skipped_steps": 6, "consecutive": 6}

@@ -44,3 +44,19 @@ def test_the_seed_survives_a_checkpoint_and_defaults_to_the_run_seed(monkeypatch
 def test_step_seeds_are_distinct_over_many_steps_and_ranks():
     seeds = {step_seed(0, rank, epoch, batch) for rank in range(8) for epoch in range(4) for batch in range(64)}
     assert len(seeds) == 8 * 4 * 64
+
+
+def test_reseeding_is_cheap_and_equals_torch_manual_seed():
+    import time
+
+    from lightning_flows.callbacks.seeding import seed_all
+
+    seed_all(11)
+    ours = torch.rand(4)
+    torch.manual_seed(11)
+    assert torch.equal(ours, torch.rand(4))
+    start = time.process_time()
+    for _ in range(200):
+        seed_all(11)
+    # torch.manual_seed alone took ~0.27 ms per call here (a CUDA build without a GPU formats a stack trace).
+    assert (time.process_time() - start) / 200 < 2e-4

@@ -19,6 +19,7 @@ each training batch from ``(seed, global rank, epoch, batch index)``:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -34,10 +35,26 @@ def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed torch (CPU and all CUDA devices), numpy and Python's ``random``."""
-    torch.manual_seed(seed)
+    """Seed torch (CPU and all CUDA devices), numpy and Python's ``random``.
+
+    Runs before every training batch, so it must be cheap: ``torch.manual_seed`` on a CUDA build of torch
+    whose CUDA is not initialised (a CPU run) queues the CUDA seed with a formatted stack trace, ~0.3 ms
+    (5% of a small model's step). Seeding the initialised CUDA devices directly is the same, and a process
+    with no GPU has no CUDA generator to seed; only a GPU whose CUDA is not yet initialised takes the
+    queued path (the seed then applies when it initialises).
+    """
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    elif _has_gpu():
+        torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_gpu() -> bool:
+    return torch.cuda.device_count() > 0
 
 
 class PerStepSeed(L.Callback):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_flows.evaluation.samples import chunk_seed
 from lightning_flows.metrics.distributed import sum_across_ranks
+from lightning_flows.performance import full_precision
 
 # The lecture's "posterior gap" of a VAE: IWAE_K - ELBO (>= 0 in expectation), nats per example.
 POSTERIOR_GAP = "posterior_gap_nats"
@@ -48,7 +49,8 @@ def split_likelihood(model, data: Tensor, batch_size: int, seed: int, rank: int,
 
     A collective under DDP (every rank must call it). Families that differentiate inside ``log_prob``
     (the ODE trace of a CNF or flow matching) need autograd, so inference mode is left explicitly;
-    gradients w.r.t. the weights stay off.
+    gradients w.r.t. the weights stay off. Computed in float32 whatever the training precision
+    (no autocast, no TF32: :func:`lightning_flows.performance.full_precision`).
     """
     estimators = model.likelihood_estimators()
     if not estimators:
@@ -62,7 +64,8 @@ def split_likelihood(model, data: Tensor, batch_size: int, seed: int, rank: int,
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     for index in range(rank, len(batches), world):
         x = batches[index].to(model.device)
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), \
+                full_precision(model.device.type):
             torch.manual_seed(chunk_seed(seed, index))
             log_probs = {kind: estimators[kind](x.clone()) for kind in kinds}
             for kind, value in log_probs.items():

@@ -53,15 +53,17 @@ def build_extractor(name: str, dataset: str, weights_path: str | None, cache_dir
 
 
 def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.device, progress=None) -> Tensor:
-    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU. ``progress``: an optional
-    tqdm bar advanced by the examples done."""
+    """``pixels: (N, C, H, W)`` in [0, 1] -> ``(N, F)`` float32 features on the CPU, ``batch_size`` images
+    at a time on ``device``, under inference mode. ``progress``: an optional tqdm bar advanced by the examples
+    done."""
     if len(pixels) == 0:
         return torch.zeros(0, extractor.num_features)
     features = []
-    for i in range(0, len(pixels), batch_size):
-        features.append(extractor(pixels[i:i + batch_size].to(device)).float().cpu())
-        if progress is not None:
-            progress.update(len(features[-1]))
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch_size):
+            features.append(extractor(pixels[i:i + batch_size].to(device)).float().cpu())
+            if progress is not None:
+                progress.update(len(features[-1]))
     return torch.cat(features)
 
 

@@ -38,7 +38,7 @@ def _cuda_devices(model) -> list[int]:
 def warm_up(model, n: int) -> None:
     """One untimed ``sample`` call (lazy initialisation, allocator, kernel selection) that leaves the
     caller's random state untouched."""
-    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
         model.sample(max(1, n))
 
 
@@ -46,12 +46,13 @@ def generate_chunks(model, n: int, chunk_size: int, seed: int, rank: int, world:
                     cost: SamplingCost | None = None, progress=None) -> list[Chunk]:
     """This rank's chunks of the ``n`` samples, in model space, each timed into ``cost``.
 
-    Sampling runs under ``fork_rng``, so training randomness is untouched by evaluation.
+    Sampling runs under ``fork_rng``, so training randomness is untouched by evaluation, and under
+    ``torch.inference_mode`` (no autograd bookkeeping at all; a chunk at a time bounds the memory).
     ``progress``: an optional tqdm bar advanced by the samples drawn.
     """
     cost = cost if cost is not None else SamplingCost()
     chunks: list[Chunk] = []
-    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
         for index, length in rank_chunks(n, chunk_size, rank, world):
             torch.manual_seed(chunk_seed(seed, index))
             chunks.append((index, timed_sample(model, length, cost, model.device)))

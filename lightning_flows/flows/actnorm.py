@@ -5,7 +5,10 @@ Correct under data parallelism: the initialising statistics are the *global* bat
 all-reducing per-rank sums (count, sum x, sum x^2) when ``torch.distributed`` is initialised, so every
 rank computes bit-identical parameters even though each sees a different shard. The ``initialized``
 flag is a persistent buffer: it travels with ``state_dict``/checkpoints, so a resumed or loaded model
-never re-initialises (and a fresh model loading a trained state_dict adopts the trained flag).
+never re-initialises (and a fresh model loading a trained state_dict adopts the trained flag). A Python
+copy of the flag is what ``forward`` reads, so an initialised layer never reads a tensor on the host (on a
+GPU that would wait for the device at every forward pass); it is refreshed whenever a state_dict is
+loaded, and while it is False the buffer is consulted too (it may have been set by a copy into it).
 
 Initialisation happens on the first forward call *in training mode* (every DDP rank makes it, in
 step); in eval mode an uninitialised ActNorm is the identity, so validation/sampling before training
@@ -48,6 +51,7 @@ class ActNorm(Bijection):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # host copy of the buffer, read by forward
         self.eps = eps
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
@@ -64,10 +68,17 @@ class ActNorm(Bijection):
         self.bias.copy_((-mean).to(self.bias.dtype))
         self.log_scale.copy_((-torch.log(var.sqrt() + self.eps)).to(self.log_scale.dtype))
         self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized = bool(self.initialized)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self.initialize(x)
+        if self.training and not self._initialized:
+            self._initialized = bool(self.initialized)  # e.g. copied in by an EMA swap or a DDP broadcast
+            if not self._initialized:
+                self.initialize(x)
         z = (x + self._view(self.bias, x)) * torch.exp(self._view(self.log_scale, x))
         pixels = x[0, 0].numel()  # H*W for images, 1 for vectors
         return z, (self.log_scale.sum() * pixels).expand(x.shape[0])

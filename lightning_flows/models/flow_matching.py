@@ -27,6 +27,8 @@ from lightning_flows.ode import SolverConfig, as_solver_config, integrate, ode_l
 
 __all__ = ["FlowMatching", "linear_path"]
 
+LIKELIHOOD_DIVERGENCES = ("auto", "exact", "hutchinson")
+
 
 class FlowMatching(GenerativeModel):
     """Conditional flow matching on the linear path, with a choice of coupling.
@@ -37,8 +39,14 @@ class FlowMatching(GenerativeModel):
         base_channels, channel_mults: UNet widths.
         sampler: ODE solver used by ``sample`` (method, steps or tolerances, NFE cap).
         likelihood_solver: ODE solver of the exact ``log_prob`` (default dopri5, rtol = atol = 1e-5).
-        likelihood_divergence: ``exact`` trace (D backward passes per evaluation) or ``hutchinson`` (one;
-            an unbiased estimate of the same log-likelihood, the affordable choice for images on a CPU).
+        likelihood_divergence: ``exact`` trace (D backward passes per evaluation), ``hutchinson`` (one; an
+            unbiased estimate of the same log-likelihood, reported as ``estimate``) or ``auto``: exact up to
+            ``exact_likelihood_max_dim`` dimensions, Hutchinson above.
+        exact_likelihood_max_dim: ``auto``'s threshold. Measured (experiments/PERFORMANCE.md): per example and
+            ODE evaluation the exact trace costs 14x Hutchinson at D = 64 (8x8 digits), 186x at D = 256 and
+            ~900x at D = 784, i.e. days of CPU for an MNIST test split; so exact for toy 2D and 8x8 digits.
+        trace_chunk_size: Jacobian rows the exact trace computes at once (memory ``~ chunk * B * D``; the
+            ``D x D`` Jacobian is never formed), as the CNF's ``trace_chunk_size``.
         coupling: how noise is paired with data: ``independent`` (the lecture), ``ot`` (minibatch exact optimal
             transport) or ``reflow`` (pairs ``(x0, ODE(x0))`` of the teacher ``teacher_ckpt``).
         sigma: width of the Gaussian path around the straight line (0: the lecture's path).
@@ -65,7 +73,8 @@ class FlowMatching(GenerativeModel):
                  channel_mults: Sequence[int] = (1, 2, 2), sampler: SolverConfig | dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
                  warmup_steps: int = 0,
-                 likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact",
+                 likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "auto",
+                 exact_likelihood_max_dim: int = 64, trace_chunk_size: int | None = 64,
                  coupling: str = "independent", sigma: float = 0.0, time_sampling: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, ot_block_size: int | None = 64,
                  pairing_threads: int = 1, teacher_ckpt: str | None = None, reflow_pairs: int = 20_000,
@@ -89,9 +98,14 @@ class FlowMatching(GenerativeModel):
         self.sampler = as_solver_config(sampler)
         self.likelihood_solver = as_solver_config(
             likelihood_solver or {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5})
-        if likelihood_divergence not in ("exact", "hutchinson"):
-            raise ValueError(f"likelihood_divergence must be 'exact' or 'hutchinson', got '{likelihood_divergence}'.")
-        self.likelihood_divergence = likelihood_divergence
+        if likelihood_divergence not in LIKELIHOOD_DIVERGENCES:
+            raise ValueError(f"likelihood_divergence must be 'auto', 'exact' or 'hutchinson', got "
+                             f"'{likelihood_divergence}'.")
+        if trace_chunk_size is not None and trace_chunk_size < 1:
+            raise ValueError(f"trace_chunk_size must be >= 1 (or null: all rows at once), got {trace_chunk_size}.")
+        if likelihood_divergence == "auto":  # resolved once, so likelihood_kind and log_prob always agree
+            likelihood_divergence = "exact" if self.dim <= exact_likelihood_max_dim else "hutchinson"
+        self.likelihood_divergence, self.trace_chunk_size = likelihood_divergence, trace_chunk_size
         self.last_log_prob_nfe: int | None = None
         self.velocity = make_time_backbone(self.data_shape, backbone, hidden=hidden, depth=depth,
                                            base_channels=base_channels, channel_mults=channel_mults,
@@ -176,9 +190,10 @@ class FlowMatching(GenerativeModel):
     def log_prob(self, x: Tensor, solver: SolverConfig | None = None) -> Tensor:
         """``log p(x)`` in nats of the model's ODE, ``(B, *data_shape)`` -> ``(B,)``.
 
-        Exact trace, or Hutchinson's unbiased estimate of it (``likelihood_divergence``).
+        Exact trace (``trace_chunk_size`` rows at a time), or Hutchinson's unbiased estimate of it
+        (``likelihood_divergence``; :attr:`likelihood_kind` says which).
         """
         result = ode_log_likelihood(self.velocity, x, solver or self.likelihood_solver,
-                                    divergence=self.likelihood_divergence)
+                                    divergence=self.likelihood_divergence, chunk_size=self.trace_chunk_size)
         self.last_log_prob_nfe = result.nfe
         return result.log_prob

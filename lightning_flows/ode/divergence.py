@@ -4,8 +4,9 @@ Three ways to get it, all taking ``f: (B, *shape) -> (B, *shape)`` that acts on 
 independently (no batch statistics) and ``z: (B, *shape)``:
 
 * :func:`exact_divergence`: the full per-example Jacobian's trace, ``D`` vector-Jacobian products
-  vectorised with ``torch.func`` (one batched backward pass, no Python loop). Cost ``O(D)`` passes,
-  so meant for small ``D`` (toy 2D, 8x8 digits).
+  vectorised with ``torch.func`` (batched backward passes, ``chunk_size`` rows at a time, only the
+  diagonal kept). Cost ``O(D)`` passes, so meant for small ``D`` (toy 2D, 8x8 digits); see
+  experiments/PERFORMANCE.md for the measured cost against ``D``.
 * :func:`hutchinson_divergence`: the lecture's unbiased estimate ``v^T (df/dz) v`` with
   ``E[v v^T] = I`` (Rademacher or Gaussian ``v``), one vector-Jacobian product whatever ``D``.
   The probe ``v`` is drawn once per solve by the caller (:func:`sample_probe`) and held fixed
@@ -24,7 +25,7 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, vjp
+from torch.func import vjp, vmap
 
 VectorField = Callable[[Tensor], Tensor]
 ProbeKind = Literal["rademacher", "gaussian"]
@@ -46,20 +47,33 @@ def exact_divergence(f: VectorField, z: Tensor, frobenius: bool = False,
                      chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``Tr(df/dz)`` per example, exactly. ``z: (B, *shape)`` -> ``(f(z), (B,), (B,) or None)``.
 
-    Since examples are independent, the Jacobian of ``sum_b f(z)_b`` w.r.t. ``z`` holds every
-    example's Jacobian side by side: ``(*shape, B, *shape)``; its "diagonal" over the two
-    ``shape`` axes is the per-example trace. ``chunk_size`` bounds how many of the ``D`` products
-    run at once (memory ``~ chunk_size * B * D``).
+    Since examples are independent, the vector-Jacobian product of ``f(z)`` with the cotangent ``e_i``
+    (coordinate ``i`` set to one in every example) returns row ``i`` of every example's Jacobian at
+    once: ``(B, D)``. The rows are computed ``chunk_size`` at a time (vectorised with ``torch.func.vmap``
+    over one forward pass) and only their diagonal entries, and squares for ``frobenius``, are kept, so
+    memory is ``~ chunk_size * B * D`` (plus the backward passes' activations for ``chunk_size * B``
+    examples) and the ``(D, B, D)`` Jacobian is never formed; ``None`` does all ``D`` rows in one chunk.
     """
-    def summed(z_):
-        out = f(z_)
-        return out.sum(0), out
-
-    jac, out = jacrev(summed, has_aux=True, chunk_size=chunk_size)(z)
     batch, dim = z.shape[0], z[0].numel()
-    jac = jac.reshape(dim, batch, dim)
-    divergence = torch.diagonal(jac, dim1=0, dim2=2).sum(-1)
-    fro = jac.pow(2).sum(dim=(0, 2)) if frobenius else None
+    chunk = dim if chunk_size is None else max(1, min(int(chunk_size), dim))
+    out, vjp_fn = vjp(f, z)
+
+    def rows(cotangents: Tensor) -> Tensor:  # (B, *shape) one-hot rows -> (B, D) Jacobian rows
+        (grad,) = vjp_fn(cotangents)
+        return grad.reshape(batch, dim)
+
+    batched_rows = vmap(rows)
+    divergence = z.new_zeros(batch)
+    fro = z.new_zeros(batch) if frobenius else None
+    for start in range(0, dim, chunk):
+        index = torch.arange(start, min(start + chunk, dim), device=z.device)
+        one_hot = torch.zeros(len(index), dim, dtype=z.dtype, device=z.device)
+        one_hot[torch.arange(len(index), device=z.device), index] = 1.0
+        cotangents = one_hot[:, None, :].expand(len(index), batch, dim).reshape(len(index), *z.shape)
+        jac_rows = batched_rows(cotangents)  # (chunk, B, D): d f_i / d z for i in index
+        divergence = divergence + jac_rows[torch.arange(len(index), device=z.device), :, index].sum(0)
+        if fro is not None:
+            fro = fro + jac_rows.pow(2).sum(dim=(0, 2))
     return out, divergence, fro
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_flows.ode.cnf_dynamics import AugmentedDynamics, VelocityModel
 from lightning_flows.ode.divergence import ProbeKind, sample_probe
 from lightning_flows.ode.solve import ODESolution, SolverConfig, integrate
+from lightning_flows.performance import full_precision
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -69,7 +70,9 @@ def ode_log_likelihood(velocity: VelocityModel, x: Tensor, solver: SolverConfig,
         chunk_size: bounds the memory of the exact trace (see :func:`exact_divergence`).
 
     Gradients flow to ``velocity``'s parameters when grad is enabled; under ``torch.no_grad`` (or
-    inference mode) nothing is stored, so evaluation memory does not grow with the NFE.
+    inference mode) nothing is stored, so evaluation memory does not grow with the NFE. The solve runs in
+    float32 even inside a bf16/fp16 autocast region (:func:`lightning_flows.performance.full_precision`):
+    a log-likelihood must not depend on the training precision.
 
     Called under ``torch.inference_mode`` (Lightning's validation and test loops), the solve leaves it:
     the trace ``Tr(df/dz)`` is computed by ``torch.func`` transforms, which need autograd, and inference
@@ -83,6 +86,13 @@ def ode_log_likelihood(velocity: VelocityModel, x: Tensor, solver: SolverConfig,
                                       kinetic_energy=kinetic_energy, jacobian_frobenius=jacobian_frobenius,
                                       t_noise=t_noise, t_data=t_data, base_log_prob=base_log_prob,
                                       chunk_size=chunk_size, generator=generator)
+    with full_precision(x.device.type):
+        return _ode_log_likelihood(velocity, x, solver, divergence, probe, kinetic_energy, jacobian_frobenius,
+                                   t_noise, t_data, base_log_prob, chunk_size, generator)
+
+
+def _ode_log_likelihood(velocity, x, solver, divergence, probe, kinetic_energy, jacobian_frobenius, t_noise,
+                        t_data, base_log_prob, chunk_size, generator) -> ODELikelihood:
     if solver.adjoint and not isinstance(velocity, nn.Module):
         raise TypeError("solver.adjoint needs the velocity model to be an nn.Module so that its parameters "
                         "can receive adjoint gradients; pass the module or set adjoint: false.")
