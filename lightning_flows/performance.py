@@ -73,7 +73,8 @@ def logs_this_step(trainer) -> bool:
     if connector is None:
         return True
     try:
-        return bool(connector.should_update_logs) or trainer.global_step == 0
+        # The first batch by batches, not optimizer steps: a GAN logs after both of its steps (global_step 2).
+        return bool(connector.should_update_logs) or trainer.fit_loop.epoch_loop._batches_that_stepped == 0
     except Exception:  # noqa: BLE001 - a future Lightning may restructure this; logging every step is safe
         return True
 
