@@ -21,6 +21,15 @@ from lightning_flows.performance import logs_this_step
 Likelihood = Literal["exact", "bound", "none"]
 
 
+def split_batch(batch: Tensor | tuple[Tensor, Tensor] | list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """A DataModule batch -> ``(x, y)``: ``x: (B, *data_shape)`` and the labels ``y: (B,)`` (long) of a
+    ``conditional: true`` DataModule, or ``None`` for an unlabelled batch ``x``."""
+    if isinstance(batch, (tuple, list)):
+        x, y = batch
+        return x, y
+    return batch, None
+
+
 class GenerativeModel(L.LightningModule):
     """Base class of every family.
 
@@ -95,11 +104,14 @@ class GenerativeModel(L.LightningModule):
             raise ValueError(f"{type(self).__name__} was built for examples of shape {self.data_shape} but got "
                              f"a batch of shape {tuple(x.shape)}; check that the model and data configs agree.")
 
-    def _step(self, batch: Tensor, stage: str) -> Tensor:
-        self._check_input(batch)
-        loss = self.training_loss(batch)
+    def _step(self, batch: Tensor | tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = split_batch(batch)
+        self._check_input(x)
+        # Unconditional families keep their one-argument objective; a labelled batch reaches only a
+        # family built with classes (``num_classes > 0``, linked from a ``conditional: true`` DataModule).
+        loss = self.training_loss(x) if y is None else self.training_loss(x, y)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train",
-                 batch_size=batch.shape[0])
+                 batch_size=x.shape[0])
         return loss
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
