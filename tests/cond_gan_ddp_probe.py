@@ -1,0 +1,60 @@
+"""Run by tests/test_conditional_gan.py: a class-conditional conv GAN (projection discriminator, spectral norm,
+batch norm, R1) for a few batches on 2 CPU ranks (gloo) under DDP, on labelled ``(x, y)`` batches.
+
+The run uses the callbacks the CLI adds to every fit (per-rank step seeds, buffers synced at the end). Each rank
+saves to OUT/rank<r>.pt the batches (images and labels) it saw, the first normal draws its RNG would hand the model
+at every step, and its weights when training started and when it ended.
+
+Usage: python cond_gan_ddp_probe.py OUT STEPS
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_flows.callbacks import DistributedReplicas, PerStepSeed
+from lightning_flows.models import GAN
+
+CLASSES = 10
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.images, self.labels, self.noise, self.init = [], [], [], None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.init = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        self.images.append(x.clone())
+        self.labels.append(y.clone())
+        with torch.random.fork_rng():
+            self.noise.append(torch.randn(4))
+
+
+def main(out: Path, steps: int) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    data = torch.Generator().manual_seed(1)
+    x = torch.rand(256, 1, 8, 8, generator=data) * 2 - 1
+    y = torch.randint(CLASSES, (256,), generator=data)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    model = GAN((1, 8, 8), network="conv", base_channels=8, latent_dim=8, spectral_norm=True, r1_gamma=1.0,
+                num_classes=CLASSES)
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2 * steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[PerStepSeed(), DistributedReplicas(), record])
+    trainer.fit(model, loader)
+    torch.save({"images": torch.stack(record.images), "labels": torch.stack(record.labels),
+                "noise": torch.stack(record.noise), "init": record.init, "state_dict": model.state_dict(),
+                "world_size": trainer.world_size, "global_step": trainer.global_step},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
