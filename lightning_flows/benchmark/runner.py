@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -180,8 +181,22 @@ def dry_run(suite: Suite, out: Path, extra: list[str]) -> list[dict]:
     return plan_rows
 
 
-def _run_in_worker(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: str, threads: int) -> dict:
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Stop this worker once the suite process that started it is gone (killed by SIGTERM or SIGKILL, which,
+    unlike Ctrl-C, reach only the parent): an orphaned run would keep training for minutes, competing with
+    the rerun for the cores. The result of a run in flight is lost either way; finished ones stay on disk."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _run_in_worker(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: str, threads: int,
+                   parent: int) -> dict:
     """``run_one`` in a fresh process with ``threads`` intra-op threads (parallel CPU runs)."""
+    _exit_with_parent(parent)
     torch.set_num_threads(threads)
     quiet = dataclasses.replace(plan, evaluation=dataclasses.replace(plan.evaluation, progress=False))
     row = run_one(quiet, suite, out, extra + ["--trainer.enable_progress_bar", "false"], logger)
@@ -202,7 +217,7 @@ def _run_parallel(todo: list[RunPlan], suite: Suite, out: Path, extra: list[str]
                 i, plan = queue.pop(0)
                 say(f"[{i}/{len(todo)}] {plan.name}: training {plan.steps} steps at batch {plan.batch_size} "
                     f"({plan.config}, {threads} thread(s))")
-                pending[pool.submit(_run_in_worker, plan, suite, out, extra, logger, threads)] = (i, plan)
+                pending[pool.submit(_run_in_worker, plan, suite, out, extra, logger, threads, os.getpid())] = (i, plan)
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i, plan = pending.pop(future)

@@ -39,4 +39,16 @@ class LogitPreprocess(Bijection):
         return 2.0 * (p - self.alpha) / (1.0 - 2.0 * self.alpha) - 1.0
 
 
-__all__ = ["LogitPreprocess"]
+PREPROCESSING = ("auto", "logit", "none")
+
+
+def preprocessing_layers(preprocess: str, data_shape: tuple[int, ...], alpha: float) -> list[Bijection]:
+    """``auto`` = logit for images (data in [-1, 1]), nothing for vectors (data in R^d)."""
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"Unknown preprocess '{preprocess}'. Choose one of: {', '.join(PREPROCESSING)}.")
+    if preprocess == "auto":
+        preprocess = "logit" if len(data_shape) == 3 else "none"
+    return [LogitPreprocess(alpha)] if preprocess == "logit" else []
+
+
+__all__ = ["LogitPreprocess", "PREPROCESSING", "preprocessing_layers"]

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn.ode_functions import ConcatConvField, ConcatSquashMLP
 from lightning_flows.ode import (
@@ -53,6 +54,8 @@ class CNF(GenerativeModel):
         probe: Hutchinson probe, ``rademacher`` or ``gaussian`` (drawn once per solve).
         kinetic_weight, jacobian_weight: RNODE weights on ``int ||f||^2 dt`` and ``int ||df/dz||_F^2 dt``.
         trace_chunk_size: bound on simultaneous Jacobian products of the exact trace (memory).
+        preprocess: ``none``, ``logit`` (FFJORD on images: the ODE runs in logit space; its log-det is part
+            of ``log_prob``) or ``auto`` (logit for images); ``logit_alpha`` keeps the edges finite.
     """
 
     likelihood = "exact"
@@ -63,9 +66,9 @@ class CNF(GenerativeModel):
                  train_solver: SolverConfig | dict | None = None, test_solver: SolverConfig | dict | None = None,
                  sampler: SolverConfig | dict | None = None, train_divergence: str = "exact",
                  test_divergence: str = "exact", probe: str = "rademacher", kinetic_weight: float = 0.0,
-                 jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, lr: float = 1e-3,
-                 weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0):
+                 jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, preprocess: str = "none",
+                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         for name, value in (("train_divergence", train_divergence), ("test_divergence", test_divergence)):
@@ -84,6 +87,9 @@ class CNF(GenerativeModel):
         self.kinetic_weight, self.jacobian_weight = kinetic_weight, jacobian_weight
         self.trace_chunk_size = trace_chunk_size
         self.field = make_ode_field(self.data_shape, field, hidden, depth, channels, activation)
+        # FFJORD models images in logit space (as RealNVP does): the ODE runs on z = logit(x); the
+        # preprocessing's log-det joins log p, so log_prob stays a density in model space.
+        (self.preprocess,) = preprocessing_layers(preprocess, self.data_shape, logit_alpha) or (None,)
         self.last_log_prob_nfe: int | None = None
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -92,11 +98,12 @@ class CNF(GenerativeModel):
 
     def training_loss(self, x: Tensor) -> Tensor:
         """Mean NLL in nats (training solver and divergence) plus the weighted RNODE penalties."""
-        result = ode_log_likelihood(self.field, x, self.train_solver, divergence=self.train_divergence,
+        z, log_det = self._to_ode_space(x)
+        result = ode_log_likelihood(self.field, z, self.train_solver, divergence=self.train_divergence,
                                     probe=self.probe, kinetic_energy=self.kinetic_weight > 0,
                                     jacobian_frobenius=self.jacobian_weight > 0,
                                     chunk_size=self.trace_chunk_size)
-        nll = -result.log_prob.mean()
+        nll = -(result.log_prob + log_det).mean()
         loss = nll
         if result.kinetic_energy is not None:
             loss = loss + self.kinetic_weight * result.kinetic_energy.mean()
@@ -118,11 +125,12 @@ class CNF(GenerativeModel):
 
     def log_prob(self, x: Tensor, solver: SolverConfig | None = None, divergence: str | None = None) -> Tensor:
         """Exact ``log p(x)`` in nats (test solver, exact trace by default): ``(B, *data_shape)`` -> ``(B,)``."""
-        result = ode_log_likelihood(self.field, x, solver or self.test_solver,
+        z, log_det = self._to_ode_space(x)
+        result = ode_log_likelihood(self.field, z, solver or self.test_solver,
                                     divergence=divergence or self.test_divergence, probe=self.probe,
                                     chunk_size=self.trace_chunk_size)
         self.last_log_prob_nfe = result.nfe
-        return result.log_prob
+        return result.log_prob + log_det
 
     @torch.no_grad()
     def sample(self, n: int, solver: SolverConfig | None = None) -> Tensor:
@@ -130,10 +138,14 @@ class CNF(GenerativeModel):
         z0 = torch.randn(n, *self.data_shape, device=self.device)
         solution = integrate(self.field, z0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
-        return solution.states
+        return solution.states if self.preprocess is None else self.preprocess.inverse(solution.states)
+
+    def _to_ode_space(self, x: Tensor) -> tuple[Tensor, Tensor | float]:
+        """Model space -> the ODE's space and ``log|det dz/dx|`` per example ``(B,)`` (0 without preprocessing)."""
+        return (x, 0.0) if self.preprocess is None else self.preprocess(x)
 
     def sampling_ode(self):
-        return self.field, 0.0, 1.0
+        return self.field, 0.0, 1.0  # in the ODE's space (logit space with `preprocess: logit`)
 
     # Validation and test report the exact NLL (the family's own objective without the training
     # approximations), so val/loss is comparable across runs with different training solvers.

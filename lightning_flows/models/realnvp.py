@@ -28,14 +28,14 @@ import torch
 from torch import Tensor
 
 from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
-                                   LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape, SplineCoupling, Squeeze,
+                                   MLPConditioner, NormalizingFlow, Reshape, SplineCoupling, Squeeze,
                                    Unsqueeze, channel_mask, checkerboard_mask, spline_params_per_dim, vector_mask)
 from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, require_labels,
                                          sampling_labels)
+from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel, split_batch
 
 ARCHITECTURES = ("auto", "mlp", "multiscale")
-PREPROCESSING = ("auto", "logit", "none")
 COUPLINGS = ("affine", "spline")
 
 
@@ -48,15 +48,6 @@ def resolve_architecture(architecture: str, data_shape: tuple[int, ...]) -> str:
         raise ValueError(f"architecture='multiscale' needs images (C, H, W), got data_shape={data_shape}; "
                          f"use architecture='mlp' for vectors.")
     return architecture
-
-
-def preprocessing_layers(preprocess: str, data_shape: tuple[int, ...], alpha: float) -> list[Bijection]:
-    """``auto`` = logit for images (data in [-1, 1]), nothing for vectors (data in R^d)."""
-    if preprocess not in PREPROCESSING:
-        raise ValueError(f"Unknown preprocess '{preprocess}'. Choose one of: {', '.join(PREPROCESSING)}.")
-    if preprocess == "auto":
-        preprocess = "logit" if len(data_shape) == 3 else "none"
-    return [LogitPreprocess(alpha)] if preprocess == "logit" else []
 
 
 def flattened(data_shape: tuple[int, ...], layers: list[Bijection]) -> list[Bijection]:

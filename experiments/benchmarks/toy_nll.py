@@ -1,0 +1,92 @@
+"""Every likelihood family at the peers' budget: toy2d NLL gaps beside the peers', digits bits/dim beside the
+independent-pixel baseline. All numbers come from the benchmark runner and its one evaluator.
+
+    python experiments/benchmarks/toy_nll.py [--out outputs/toy_nll] [--jobs 2] [--skip-digits]
+
+1. ``experiments/suites/toy_nll.yaml``: every likelihood family trained for 90 s (``max_time``) on 8gaussians
+   and checkerboard from its committed toy2d config; exact test NLL on all 5,000 held-out points minus the
+   true entropy (the gap; 0 is the limit). The peers' figures are ANCHORS.md's (same machine, 90 s, batch 512).
+2. The digits bits/dim of every likelihood family in the quick benchmark's budget
+   (``experiments/suites/quick.yaml``; finished runs of ``make benchmark`` in ``--quick-out`` are reused,
+   not retrained) beside the uniform and independent-pixel baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (density, library model) -> NLL gap in nats at 90 s, batch 512, 2 CPU cores (ANCHORS.md, 2026-11-28).
+PEERS = {
+    ("8gaussians", "zuko NSF"): 0.016, ("8gaussians", "zuko RealNVP"): 0.094,
+    ("8gaussians", "normflows RealNVP"): 0.127, ("8gaussians", "torchcfm CFM"): 0.053,
+    ("8gaussians", "torchcfm OT-CFM"): 0.090,
+    ("checkerboard", "zuko NSF"): 0.055, ("checkerboard", "zuko RealNVP"): 0.142,
+    ("checkerboard", "normflows RealNVP"): 0.241, ("checkerboard", "torchcfm CFM"): 0.177,
+    ("checkerboard", "torchcfm OT-CFM"): 0.460,
+}
+KINDS = ("exact", "estimate", "bound")
+
+
+def _gap_cells(row: dict) -> str:
+    return "; ".join(f"{row[f'nll_gap_{k}']:+.3f} ({k})" for k in KINDS if f"nll_gap_{k}" in row)
+
+
+def toy_table(rows: list[dict]) -> str:
+    lines = ["| density | model | steps in 90 s | test NLL gap, nats | energy dist. (floor) |", "|---|---|---|---|---|"]
+    for density in ("8gaussians", "checkerboard"):
+        for row in sorted((r for r in rows if r["dataset"] == density), key=lambda r: r["model"]):
+            ed = "-"
+            if "energy_distance" in row:
+                ed = f"{row['energy_distance']:.4f} ({row['energy_distance_floor']:.4f})"
+            lines.append(f"| {density} | ours: {row['model']} | {row['global_step']:,} | {_gap_cells(row)} | {ed} |")
+        for (d, peer), gap in PEERS.items():
+            if d == density:
+                lines.append(f"| {density} | peer: {peer} (ANCHORS.md) | - | {gap:+.3f} (exact) | - |")
+    return "\n".join(lines) + "\n"
+
+
+def digits_table(rows: list[dict], baselines: dict[str, float]) -> str:
+    lines = ["| model | test bits/dim | kind |", "|---|---|---|"]
+    for row in sorted(rows, key=lambda r: r["model"]):
+        for kind in KINDS:
+            if f"bpd_{kind}" in row:
+                lines.append(f"| {row['model']} | {row[f'bpd_{kind}']:.3f} | {kind} |")
+    lines += [f"| baseline: {name} | {value:.3f} | exact |" for name, value in baselines.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from lightning_flows.benchmark.report import reference_likelihoods
+    from lightning_flows.benchmark.runner import run_suite
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/toy_nll")
+    parser.add_argument("--quick-out", default="outputs/benchmark", help="where `make benchmark` wrote its runs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each on 2 cores)")
+    parser.add_argument("--skip-digits", action="store_true")
+    opts = parser.parse_args()
+    start = time.perf_counter()
+    run_suite(ROOT / "experiments" / "suites" / "toy_nll.yaml", opts.out, jobs=opts.jobs, root=ROOT)
+    toy = json.loads((Path(opts.out) / "results.json").read_text())["runs"]
+    report = ["## Toy densities: exact test NLL minus the true entropy at 90 s of training", "", toy_table(toy)]
+    if not opts.skip_digits:
+        likelihood_models = ["vae", "realnvp", "glow", "nsf", "cnf", "diffusion", "flow_matching"]
+        run_suite(ROOT / "experiments" / "suites" / "quick.yaml", opts.quick_out, only=["digits"], jobs=opts.jobs,
+                  root=ROOT)
+        quick = json.loads((Path(opts.quick_out) / "results.json").read_text())["runs"]
+        digits = [r for r in quick if r["dataset"] == "digits" and r["model"] in likelihood_models and r["seed"] == 0]
+        report += ["## digits: test bits/dim in the quick budget (seed 0)", "",
+                   digits_table(digits, reference_likelihoods("digits"))]
+    report.append(f"Wall time {time.perf_counter() - start:.0f} s.")
+    text = "\n".join(report)
+    (Path(opts.out) / "toy_nll.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
