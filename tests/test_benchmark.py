@@ -131,6 +131,28 @@ def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, mo
             assert first[model][key] == second[model][key], (model, key)
 
 
+def test_a_config_edited_while_its_run_trains_is_retrained(tmp_path, monkeypatch):
+    """The stored key is the one of the config the run started with, so the edited config is not skipped."""
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    config = config_dir / "realnvp.yaml"
+    config.write_text((ROOT / "experiments/toy2d/realnvp.yaml").read_text())
+    datasets = {"8gaussians": {**TINY["datasets"]["8gaussians"], "configs": str(config_dir)}}
+    suite = write_suite(tmp_path, models=["realnvp"], overrides=[], datasets=datasets)
+    real_build_cli = runner.build_cli
+
+    def edit_while_training(*args, **kwargs):
+        cli = real_build_cli(*args, **kwargs)
+        config.write_text(config.read_text() + "# edited while the run trained\n")
+        return cli
+
+    monkeypatch.setattr(runner, "build_cli", edit_while_training)
+    out = tmp_path / "out"
+    runner.run_suite(suite, out, root=ROOT)
+    (plan,) = load_suite(suite, ROOT).runs
+    assert runner.finished_result(out, plan) is None  # the edited config has no result yet
+
+
 @pytest.mark.parametrize("suite", ["mnist", "cifar10"])
 def test_gpu_suites_dry_run_on_a_cpu_without_their_data(suite, capsys):
     rows = runner.dry_run(load_suite(ROOT / "experiments" / "suites" / f"{suite}.yaml", ROOT), Path("unused"), [])

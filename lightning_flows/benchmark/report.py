@@ -119,6 +119,8 @@ def reference_likelihoods(dataset: str) -> dict[str, float]:
 
 
 def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) -> dict[str, Path]:
+    if not entries:  # nothing finished under the current configs (e.g. all edited since): no figure to draw
+        return {}
     figures = {"quality vs sampling cost": quality_vs_cost(entries, image_datasets, out / "quality_vs_cost.png")}
     baselines = {}
     for dataset in sorted(image_datasets):

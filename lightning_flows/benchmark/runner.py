@@ -118,6 +118,9 @@ def run_one(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: st
     from lightning_flows.callbacks import TrainingTimer
 
     args = run_arguments(plan, suite, out, extra, logger)
+    # The key of what this run trains, taken as it starts: a config edited while it trains must not make
+    # its result pass for the edited config's.
+    key = plan.key()
     start = time.perf_counter()
     cli = build_cli(args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
@@ -130,7 +133,7 @@ def run_one(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: st
         return None
     world = trainer.world_size
     cls = type(model)
-    row = {"suite": suite.name, "model": plan.model, "dataset": plan.dataset, "seed": plan.seed, "key": plan.key(),
+    row = {"suite": suite.name, "model": plan.model, "dataset": plan.dataset, "seed": plan.seed, "key": key,
            "family": cls.__name__, "objective": cls.objective, "likelihood_declared": model.likelihood,
            "params": sum(p.numel() for p in model.parameters()), "optimizer_steps": plan.steps,
            "global_step": trainer.global_step, "batch_size": plan.batch_size, "devices": world,
