@@ -9,6 +9,7 @@ import torch
 from lightning_flows.flows import (ConvConditioner, MLPConditioner, SplineCoupling, channel_mask, checkerboard_mask,
                                    rational_quadratic_spline, spline_params_per_dim, vector_mask)
 from lightning_flows.flows.spline import MIN_BIN_WIDTH, _knots
+from test_flows import perturbed as perturbed_flow_layer
 
 BINS, BOUND = 6, 2.5
 
@@ -83,13 +84,9 @@ def test_bins_tile_the_interval_and_respect_the_minimum_width():
         _knots(torch.zeros(1, 1000, dtype=torch.float64), BOUND, MIN_BIN_WIDTH)
 
 
-def perturbed(layer: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    layer = layer.double()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return layer.eval()
+def perturbed(layer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``layer`` in float64, nudged further than the affine layers' tests do, so the splines bend visibly."""
+    return perturbed_flow_layer(layer, seed, scale=0.5)
 
 
 def couplings() -> dict[str, tuple[SplineCoupling, tuple[int, ...]]]:
