@@ -176,7 +176,8 @@ class Evaluator:
             self._extractor = build_extractor(spec.feature_extractor, datamodule.dataset,
                                               spec.feature_extractor_weights_path, self.cache_dir, rank, device)
         extractor = self._extractor.to(device)
-        reference, floor = self._reference_and_floor(datamodule, device, rank, world)
+        reference, floor_split = self._reference_and_floor(datamodule, device, rank, world)
+        floor = floor_split[: spec.n_samples]
         with self._bar(sum(len(x) for _, x in chunks), "features (samples)", rank, world) as bar:
             fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device,
                                                 progress=bar)) for i, x in chunks]
@@ -188,7 +189,8 @@ class Evaluator:
         extra_fids = {f"fid_n{n}": frechet_distance(reference, fake[:n]) for n in spec.fid_sample_counts or []
                       if 2 <= n < len(fake)}
         if labels is not None:
-            extra_fids.update(self._class_metrics(datamodule, labels[:len(fake)], fake, reference, floor, device, rank))
+            extra_fids.update(self._class_metrics(datamodule, labels[:len(fake)], fake, reference, floor_split, device,
+                                                  rank))
         return {**extra_fids, "extractor": f"{extractor.name}-{extractor.fingerprint}",
                 "reference_split": spec.reference_split,
                 "n_reference": len(reference), "n_quality": len(fake), "n_floor": len(floor),
@@ -211,13 +213,18 @@ class Evaluator:
             return torch.cat([classifier(pixels[i:i + self.spec.sample_batch_size].to(device)).cpu()
                               for i in range(0, len(pixels), self.spec.sample_batch_size)])
 
-    def _class_metrics(self, datamodule, labels: Tensor, fake: Tensor, reference: Tensor, floor: Tensor, device,
+    def _class_metrics(self, datamodule, labels: Tensor, fake: Tensor, reference: Tensor, floor_split: Tensor, device,
                        rank: int) -> dict:
         """Accuracy of the requested classes and class-conditional FID/KID (with their real-vs-real floors), from
-        the features of the samples (``fake``, drawn for ``labels``) and of the real splits."""
+        the features of the samples (``fake``, drawn for ``labels``) and of the real splits. The floor takes, per
+        class, as many real examples of the floor split as there are samples of that class (its first ones)."""
         spec = self.spec
         reference_labels = datamodule.split_labels(spec.reference_split)
-        floor_labels = datamodule.split_labels(floor_split_for(spec.reference_split))[:len(floor)]
+        floor_split_labels = datamodule.split_labels(floor_split_for(spec.reference_split))
+        counts = torch.bincount(labels, minlength=int(floor_split_labels.max()) + 1)
+        chosen = torch.cat([(floor_split_labels == c).nonzero().squeeze(1)[:int(k)] for c, k in enumerate(counts)
+                            if k > 0])
+        floor, floor_labels = floor_split[chosen], floor_split_labels[chosen]
         samples = self.last_samples
         fake_logits = self._class_logits(fake, lambda: datamodule.to_pixels(samples), datamodule, device, rank)
         real_logits = self._class_logits(reference, lambda: real_pixels(datamodule, spec.reference_split),
@@ -226,7 +233,6 @@ class Evaluator:
                                                       spec.seed)
         floor_distances = class_conditional_distances(reference, reference_labels, floor, floor_labels,
                                                       spec.kid_subsets, spec.seed)
-        counts = torch.bincount(labels)
         return {"class_accuracy": class_accuracy(fake_logits, labels),
                 "class_accuracy_real": class_accuracy(real_logits, reference_labels),
                 "class_fid": model_distances.fid, "class_fid_floor": floor_distances.fid,
@@ -241,8 +247,9 @@ class Evaluator:
                                                        progress=lambda n: self._bar(n, f"features ({split})", rank,
                                                                                     world))
             reference = extract(self.spec.reference_split)
-            floor = extract(floor_split_for(self.spec.reference_split))[: self.spec.n_samples]
-            self._reference[key] = (reference, floor)
+            # The whole floor split: the unconditional floor uses its first n_samples, the class-conditional
+            # one the first examples of each class.
+            self._reference[key] = (reference, extract(floor_split_for(self.spec.reference_split)))
         return self._reference[key]
 
     def _point_quality(self, samples: Tensor, datamodule) -> dict:
