@@ -203,7 +203,8 @@ class Evaluator:
         classifier (the same network, no second pass), else from ``pixels_of()`` through the classifier."""
         classifier = getattr(self._extractor, "classifier", None)
         if classifier is not None:
-            return classifier.head(features.to(device, next(classifier.parameters()).dtype)).cpu()
+            with torch.inference_mode():
+                return classifier.head(features.to(device, next(classifier.parameters()).dtype)).cpu()
         if self._label_classifier is None:
             self._label_classifier = build_extractor("classifier", datamodule.dataset, None, self.cache_dir, rank,
                                                      device).classifier
