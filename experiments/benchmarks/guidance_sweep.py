@@ -108,8 +108,10 @@ def draw_grid(cli, family: str, budget: Budget, out: Path, commands: list[str]) 
     checkpoint = Path(cli.trainer.default_root_dir) / "final.ckpt"
     cli.trainer.save_checkpoint(checkpoint, weights_only=False)
     path = out / f"grid_{family}_w{budget.grid_guidance:g}.png"
+    # The fits run in the repository root: show paths inside it relative to it, as a user would type them.
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     args = ["--ckpt", str(checkpoint), "--guidance", f"{budget.grid_guidance:g}", "--per-class",
-            str(budget.grid_per_class), "--out", str(path)]
+            str(budget.grid_per_class), "--out", str(shown)]
     commands.append("lightning-flows sample " + shlex.join(args))
     sample_main(args)
     return path
