@@ -35,7 +35,8 @@ from lightning_flows.ode.solve import observe_field_evaluations
 # What each key of a result means (the table, results.json and loggers use these names).
 KEYS = {
     "weights": "which weights were evaluated: 'ema' (the run's average, what `sample` uses) or 'training'",
-    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate",
+    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate "
+                  "(class-conditional flow matching / diffusion: of their null-class, i.e. unconditional, field)",
     "bpd_<kind>": "the same NLL as bits per dimension of the discrete data (through metrics.bits_per_dim)",
     "nll_gap_<kind>": "NLL minus the data's true entropy (toy densities with a known density); 0 is the limit",
     "true_entropy_nats": "the data's entropy on the same examples, -mean log p_data",
