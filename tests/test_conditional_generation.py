@@ -19,7 +19,7 @@ from lightning_flows.nn.class_conditioning import drop_labels, guided
 from lightning_flows.ode import SolverConfig
 from test_conditional_data import _label_of_image, _levels, _pixel_keys
 
-PROBE = Path(__file__).with_name("cond_ddp_probe.py")
+PROBE = Path(__file__).with_name("cfg_ddp_probe.py")
 IMAGE = (1, 8, 8)
 
 
