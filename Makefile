@@ -1,5 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+# Runs the benchmark trains at once, one process each with cores/JOBS threads.
+JOBS ?= 2
 
 .PHONY: install test test-slow benchmark lint
 
@@ -13,7 +15,7 @@ test-slow: install
 	$(PYTHON) -m pytest -q -m slow
 
 benchmark: install
-	$(PYTHON) -m lightning_flows.cli benchmark --suite experiments/suites/quick.yaml --out outputs/benchmark
+	$(PYTHON) -m lightning_flows.cli benchmark --suite experiments/suites/quick.yaml --out outputs/benchmark --jobs $(JOBS)
 
 lint: install
 	$(PYTHON) -m ruff check lightning_flows tests

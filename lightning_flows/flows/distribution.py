@@ -3,6 +3,13 @@
 ``log p_x(x) = log p_z(f(x)) + log|det df/dx|`` (the lecture's change of variables, with ``f`` the
 normalizing direction; see :mod:`lightning_flows.flows.base`). Sampling runs ``f^{-1}`` on base
 draws, optionally at a temperature ``T`` (``z ~ N(0, T^2 I)``, Glow's trick for cleaner samples).
+
+Class-conditional flows (issue 14) keep the bijection and make the *base* depend on the class:
+``p(x | y) = N(f(x); mu_y, diag sigma_y^2) |det df/dx|``, with a learned mean and log-scale per class for
+every latent coordinate (:class:`ClassConditionalNormal`). In a multi-scale flow the latent is the
+concatenation of every factored-out half and the final one, so *every* factored-out latent is conditioned.
+Because ``f`` does not see the label, ``f(x)`` is computed once and ``log p(x) = logsumexp_y [log p(x | y)
++ log p(y)]`` costs only ``K`` base-density evaluations.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_flows.conditioning import log_uniform_prior
 from lightning_flows.flows.base import Bijection, flatten_sum
 
 
@@ -31,18 +39,69 @@ class StandardNormal(nn.Module):
         return temperature * torch.randn(n, *self.shape, device=device, dtype=dtype)
 
 
+class ClassConditionalNormal(nn.Module):
+    """``N(mu_y, diag sigma_y^2)`` over examples of shape ``shape`` for classes ``y in {0, ..., K-1}``, with the
+    fixed uniform class prior ``p(y) = 1 / K``.
+
+    ``loc`` and ``log_scale`` (each ``(K, *shape)``) start at zero: every class starts as the standard normal,
+    so a conditional flow starts exactly where the unconditional one does. Creating them draws no random
+    numbers, so the bijection of a conditional model is initialised identically to the unconditional one.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"ClassConditionalNormal needs num_classes >= 1, got {num_classes}.")
+        self.shape, self.num_classes = tuple(int(s) for s in shape), int(num_classes)
+        self.loc = nn.Parameter(torch.zeros(self.num_classes, *self.shape))
+        self.log_scale = nn.Parameter(torch.zeros(self.num_classes, *self.shape))
+
+    @property
+    def log_class_prior(self) -> float:
+        """``log p(y)`` of the uniform class prior (the same for every class)."""
+        return log_uniform_prior(self.num_classes)
+
+    def log_prob(self, z: Tensor, y: Tensor) -> Tensor:
+        """``log p(z | y)``: ``z: (B, *shape)``, ``y: (B,)`` long -> ``(B,)`` nats."""
+        return _diagonal_normal_log_prob(z, self.loc[y], self.log_scale[y])
+
+    def log_prob_every_class(self, z: Tensor) -> Tensor:
+        """``log p(z | y = k)`` for every class: ``z: (B, *shape)`` -> ``(B, K)`` nats."""
+        return _diagonal_normal_log_prob(z.unsqueeze(1), self.loc, self.log_scale)
+
+    def marginal_log_prob(self, z: Tensor) -> Tensor:
+        """``log p(z) = logsumexp_k [log p(z | k) + log p(k)]``: ``(B, *shape)`` -> ``(B,)`` nats."""
+        return torch.logsumexp(self.log_prob_every_class(z), dim=1) + self.log_class_prior
+
+    def sample(self, y: Tensor, temperature: float = 1.0) -> Tensor:
+        """One draw per label ``y: (n,)``: ``z = mu_y + T sigma_y eps`` -> ``(n, *shape)``."""
+        eps = torch.randn(y.shape[0], *self.shape, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc[y] + temperature * torch.exp(self.log_scale[y]) * eps
+
+
+def _diagonal_normal_log_prob(z: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """``log N(z; loc, diag exp(log_scale)^2)`` summed over the example's dims (the trailing ``ndim - 1``
+    dims of ``loc``); broadcasting over the leading ones."""
+    example_dims = tuple(range(-(loc.ndim - 1), 0))
+    per_dim = -0.5 * ((z - loc) * torch.exp(-log_scale)).pow(2) - log_scale - 0.5 * math.log(2 * math.pi)
+    return per_dim.sum(dim=example_dims)
+
+
 class NormalizingFlow(nn.Module):
-    """``bijection`` (data -> latent, shape-preserving) with a standard normal base.
+    """``bijection`` (data -> latent, shape-preserving) with a standard normal base, or with a class-conditional
+    one (:class:`ClassConditionalNormal`) when ``num_classes > 0``.
 
     Args:
         bijection: the composed layers, ``(B, *shape) -> ((B, *shape), (B,))``.
         shape: shape of one example.
+        num_classes: ``K`` classes for ``p(x | y)`` (0: unconditional, a parameter-free standard normal base).
     """
 
-    def __init__(self, bijection: Bijection, shape: Sequence[int]):
+    def __init__(self, bijection: Bijection, shape: Sequence[int], num_classes: int = 0):
         super().__init__()
         self.bijection = bijection
-        self.base = StandardNormal(shape)
+        self.num_classes = num_classes
+        self.base = ClassConditionalNormal(shape, num_classes) if num_classes else StandardNormal(shape)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x -> (z, log|det dz/dx|)``."""
@@ -51,15 +110,30 @@ class NormalizingFlow(nn.Module):
     def inverse(self, z: Tensor) -> Tensor:
         return self.bijection.inverse(z)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``x: (B, *shape)`` -> ``(B,)`` exact log-density in nats."""
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``x: (B, *shape)`` -> ``(B,)`` exact log-density in nats: ``log p(x)``, or ``log p(x | y)`` for
+        labels ``y: (B,)`` (conditional flows only; without them a conditional flow gives the marginal)."""
         z, log_det = self.bijection(x)
-        return self.base.log_prob(z) + log_det
+        return self.base_log_prob(z, y) + log_det
 
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+    def base_log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """The base density of latents ``z``: ``log p(z | y)``, or ``log p(z)`` (marginal over classes when
+        the base is conditional) when ``y`` is None."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("this flow is unconditional (num_classes=0) and takes no class labels.")
+            return self.base.log_prob(z)
+        return self.base.marginal_log_prob(z) if y is None else self.base.log_prob(z, y)
+
+    def sample(self, n: int, temperature: float = 1.0, y: Tensor | None = None) -> Tensor:
+        """``n`` draws ``(n, *shape)``; a conditional flow draws class ``y[i]`` for row ``i`` (``y: (n,)``)."""
+        if self.num_classes:
+            if y is None or y.shape != (n,):
+                raise ValueError(f"a conditional flow samples one class per draw: pass labels y of shape ({n},).")
+            return self.bijection.inverse(self.base.sample(y, temperature))
         ref = next(self.parameters())
         z = self.base.sample(n, temperature, device=ref.device, dtype=ref.dtype)
         return self.bijection.inverse(z)
 
 
-__all__ = ["StandardNormal", "NormalizingFlow"]
+__all__ = ["ClassConditionalNormal", "StandardNormal", "NormalizingFlow"]

@@ -80,6 +80,8 @@ class Glow(GlowSteps):
         learned_prior: condition each factored-out half on the kept half (Glow's split prior).
         preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
         logit_alpha: the logit's boundary margin.
+        num_classes: classes ``K`` of a class-conditional base over every latent (0: unconditional); linked from
+            the DataModule by the CLI (``data.conditional: true``), never written in a config.
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -87,10 +89,10 @@ class Glow(GlowSteps):
                  coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8, spline_bound: float = 3.0,
                  learned_prior: bool = True, preprocess: str = "auto", logit_alpha: float = 0.05, lr: float = 1e-3,
                  weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = scale_bound, learned_prior
         self._set_coupling(coupling, spline_bins, spline_bound)
-        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)

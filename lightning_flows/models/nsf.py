@@ -35,6 +35,8 @@ class NSF(GlowSteps):
         learned_prior: Glow's conditional Gaussian prior for factored-out halves (an affine coupling).
         preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
         logit_alpha: the logit's boundary margin.
+        num_classes: classes ``K`` of a class-conditional base over every latent (0: unconditional); linked from
+            the DataModule by the CLI (``data.conditional: true``), never written in a config.
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -42,11 +44,11 @@ class NSF(GlowSteps):
                  spline_bound: float = 3.0, actnorm: bool = True, invertible_linear: bool = True,
                  learned_prior: bool = True, preprocess: str = "auto",
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = 2.0, learned_prior  # scale_bound: the affine split prior's
         self.use_actnorm, self.use_invertible_linear = actnorm, invertible_linear
         self._set_coupling("spline", spline_bins, spline_bound)
-        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)

@@ -10,6 +10,14 @@ checkerboard couplings. ``levels`` counts the levels (each but the last halves H
 (a well-scaled optimisation target); ``log_prob`` = exact nats per example in model space;
 validation/test also log ``{stage}/nll`` (nats/example) and ``{stage}/bpd`` through the DataModule's
 shared bits/dim helper (no family computes its own).
+
+Class-conditional (``num_classes = K > 0``, issue 14): the base distribution is a Gaussian with a learned
+mean and log-scale per class over the *whole* latent (every factored-out half of a multi-scale flow and
+the final one), initialised to the standard normal, with the fixed uniform class prior ``p(y) = 1/K``
+(:class:`lightning_flows.flows.ClassConditionalNormal`). Training maximises the exact ``log p(x | y)``;
+``log_prob(x, y)`` is exact and ``log_prob(x)`` the exact marginal ``logsumexp_y [log p(x | y) + log p(y)]``,
+which is what ``{stage}/nll`` and ``{stage}/bpd`` report (comparable with unconditional models);
+``{stage}/nll_given_class`` is ``-log p(x | y)``. ``sample(n, y)`` draws class ``y[i]`` for row ``i``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from torch import Tensor
 from lightning_flows.flows import (ActNorm, AffineCoupling, Bijection, ConvConditioner, FactorOut, FlowSequence,
                                    LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape, SplineCoupling, Squeeze,
                                    Unsqueeze, channel_mask, checkerboard_mask, spline_params_per_dim, vector_mask)
-from lightning_flows.models.base import GenerativeModel
+from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, require_labels,
+                                         sampling_labels)
+from lightning_flows.models.base import GenerativeModel, split_batch
 
 ARCHITECTURES = ("auto", "mlp", "multiscale")
 PREPROCESSING = ("auto", "logit", "none")
@@ -67,6 +77,7 @@ class ExactFlowModel(GenerativeModel):
     likelihood = "exact"
     objective = "Exact MLE via change-of-vars"
     flow: NormalizingFlow
+    num_classes: int = 0
     hidden: int
     depth: int
     activation: str
@@ -93,8 +104,11 @@ class ExactFlowModel(GenerativeModel):
             return AffineCoupling(mask, conditioner, self.scale_bound)
         return SplineCoupling(mask, conditioner, self.spline_bins, self.spline_bound)
 
-    def _build_flow(self, architecture: str, preprocess: str, logit_alpha: float, levels: int, steps: int) -> None:
-        """Preprocessing, then the family's vector layers (flattened) or its multi-scale image levels."""
+    def _build_flow(self, architecture: str, preprocess: str, logit_alpha: float, levels: int, steps: int,
+                    num_classes: int = 0) -> None:
+        """Preprocessing, then the family's vector layers (flattened) or its multi-scale image levels, and the
+        base: standard normal, or class-conditional for ``num_classes > 0``."""
+        self.num_classes = check_num_classes(num_classes)
         if levels < 1 or steps < 1:
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
         shape = self.data_shape
@@ -103,7 +117,7 @@ class ExactFlowModel(GenerativeModel):
             layers += flattened(shape, self._vector_layers(self.dim, steps))
         else:
             layers.append(self._level(shape, levels, steps))
-        self.flow = NormalizingFlow(FlowSequence(layers), shape)
+        self.flow = NormalizingFlow(FlowSequence(layers), shape, self.num_classes)
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         raise NotImplementedError
@@ -111,26 +125,43 @@ class ExactFlowModel(GenerativeModel):
     def _level(self, shape: tuple[int, int, int], levels: int, steps: int) -> Bijection:
         raise NotImplementedError
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``x: (B, *data_shape)`` in model space -> ``(B,)`` exact log-density, nats per example."""
-        return self.flow.log_prob(x)
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``x: (B, *data_shape)`` in model space -> ``(B,)`` exact log-density, nats per example:
+        ``log p(x | y)`` for labels ``y: (B,)``, else ``log p(x)`` (the marginal over classes when conditional)."""
+        if y is not None:
+            y = check_labels(type(self).__name__, self.num_classes, y, x.shape[0])
+        return self.flow.log_prob(x, y)
 
-    def training_loss(self, x: Tensor) -> Tensor:
-        return -self.flow.log_prob(x).mean() / self.dim
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """NLL in nats per dimension: ``-log p(x) / D``, or ``-log p(x | y) / D`` when conditional."""
+        y = require_labels(type(self).__name__, self.num_classes, y, x.shape[0])
+        return -self.flow.log_prob(x, y).mean() / self.dim
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """``n`` samples ``(n, *data_shape)``; ``temperature < 1`` draws ``z ~ N(0, T^2 I)``."""
-        self.last_sample_nfe = 1  # one pass through the inverse network
-        return self.flow.sample(n, temperature)
+    def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0, temperature: float = 1.0) -> Tensor:
+        """``n`` samples ``(n, *data_shape)``; ``temperature < 1`` draws ``z ~ N(mu, T^2 sigma^2)``.
 
-    def _step(self, batch: Tensor, stage: str) -> Tensor:
-        self._check_input(batch)
-        nll = -self.flow.log_prob(batch)
+        ``y: (n,)`` requested classes (conditional models; uniform draws when None). ``guidance`` must be 1.0:
+        flows have no classifier-free guidance.
+        """
+        check_no_guidance(type(self).__name__, guidance)
+        labels = sampling_labels(type(self).__name__, self.num_classes, y, n, self.device)
+        self.last_sample_nfe = 1  # one pass through the inverse network
+        return self.flow.sample(n, temperature, labels)
+
+    def _step(self, batch: Tensor | tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = split_batch(batch)
+        self._check_input(x)
+        y = require_labels(type(self).__name__, self.num_classes, y, x.shape[0])
+        z, log_det = self.flow(x)
+        nll = -(self.flow.base_log_prob(z, y) + log_det)  # the objective: -log p(x), or -log p(x | y)
         loss = nll.mean() / self.dim
-        size = batch.shape[0]
+        size = x.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train", batch_size=size)
         if stage != "train":
+            if y is not None:  # report the marginal -log p(x) as nll/bpd, comparable with unconditional models
+                self.log(f"{stage}/nll_given_class", nll.mean(), sync_dist=True, batch_size=size)
+                nll = -(self.flow.base_log_prob(z) + log_det)
             self.log(f"{stage}/nll", nll.mean(), sync_dist=True, batch_size=size)
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None and hasattr(datamodule, "bits_per_dim"):
@@ -154,6 +185,8 @@ class RealNVP(ExactFlowModel):
         actnorm: an ActNorm before every coupling (data-dependent init, DDP-synchronised).
         preprocess: ``auto`` (logit for images), ``logit`` or ``none``; its log-det is part of ``log_prob``.
         logit_alpha: the logit's boundary margin.
+        num_classes: classes ``K`` of a class-conditional base (0: unconditional); linked from the DataModule by
+            the CLI (``data.conditional: true``), never written in a config.
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -161,13 +194,13 @@ class RealNVP(ExactFlowModel):
                  coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8,
                  spline_bound: float = 3.0, actnorm: bool = True, preprocess: str = "auto",
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.use_actnorm = scale_bound, actnorm
         self._set_coupling(coupling, spline_bins, spline_bound)
-        self._build_flow(architecture, preprocess, logit_alpha, levels, steps)
+        self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)
 
     def _coupling(self, mask: Tensor) -> list[Bijection]:
         coupling = self._coupling_layer(mask)

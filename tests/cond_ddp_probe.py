@@ -1,0 +1,69 @@
+"""Run by tests/test_conditional_ddp.py: class-conditional models for a few batches on 2 CPU ranks (gloo) under DDP,
+on labelled ``(x, y)`` batches: a conv GAN (projection discriminator, spectral norm, batch norm, R1), a multi-scale
+Glow (per-class base, ActNorm) and a conv CVAE.
+
+Each run uses the callbacks the CLI adds to every fit (per-rank step seeds, buffers synced at the end); Lightning's
+"ddp" strategy relaunches this script once per extra rank and later fits reuse the processes. For each family every
+rank saves to OUT/<family>_rank<r>.pt the batches (images and labels) it saw, the first normal draws its RNG would
+hand the model at every step, and its weights when training started and when it ended.
+
+Usage: python cond_ddp_probe.py OUT STEPS [FAMILY ...]   (all families by default)
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_flows.callbacks import DistributedReplicas, PerStepSeed
+from lightning_flows.models import GAN, VAE, Glow
+
+CLASSES = 10
+FAMILIES = {
+    "gan": lambda: GAN((1, 8, 8), network="conv", base_channels=8, latent_dim=8, spectral_norm=True, r1_gamma=1.0,
+                       num_classes=CLASSES),
+    "glow": lambda: Glow((1, 8, 8), levels=2, steps=1, hidden=8, num_classes=CLASSES),
+    "vae": lambda: VAE((1, 8, 8), network="conv", base_channels=8, latent_dim=4, num_classes=CLASSES),
+}
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.images, self.labels, self.noise, self.init = [], [], [], None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.init = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        self.images.append(x.clone())
+        self.labels.append(y.clone())
+        with torch.random.fork_rng():
+            self.noise.append(torch.randn(4))
+
+
+def main(family: str, out: Path, steps: int) -> None:
+    L.seed_everything(0)
+    data = torch.Generator().manual_seed(1)
+    x = torch.rand(256, 1, 8, 8, generator=data) * 2 - 1
+    y = torch.randint(CLASSES, (256,), generator=data)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    model = FAMILIES[family]()
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=model.optimizer_steps_per_batch * steps,
+                        logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[PerStepSeed(), DistributedReplicas(), record])
+    trainer.fit(model, loader)
+    torch.save({"images": torch.stack(record.images), "labels": torch.stack(record.labels),
+                "noise": torch.stack(record.noise), "init": record.init, "state_dict": model.state_dict(),
+                "world_size": trainer.world_size, "global_step": trainer.global_step},
+               out / f"{family}_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for name in sys.argv[3:] or FAMILIES:
+        main(name, Path(sys.argv[1]), int(sys.argv[2]))
