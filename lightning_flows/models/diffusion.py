@@ -49,7 +49,8 @@ from lightning_flows.data.quantisation import bin_centre, bin_index, piecewise_c
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.models.discretized import discretized_gaussian_log_prob
 from lightning_flows.nn import broadcast_time, make_time_backbone
-from lightning_flows.nn.class_conditioning import check_labels, drop_labels, guided
+from lightning_flows.conditioning import check_labels, check_num_classes, require_labels, sampling_labels
+from lightning_flows.nn.class_conditioning import drop_labels, guided
 from lightning_flows.ode import DIVERGENCE_KINDS, SolverConfig, as_solver_config, ode_log_likelihood
 
 LOG_2PI = math.log(2 * math.pi)
@@ -311,9 +312,9 @@ class Diffusion(GenerativeModel):
                  num_classes: int = 0, label_dropout: float = 0.1):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
-        if num_classes < 0 or not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"num_classes must be >= 0 and label_dropout in [0, 1), got {num_classes} and "
-                             f"{label_dropout}.")
+        num_classes = check_num_classes(num_classes)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
         self.num_classes, self.label_dropout = num_classes, label_dropout
         # Labels of the current sampling / likelihood call and the guidance weight (see ``_eps``).
         self._labels: Tensor | None = None
@@ -399,9 +400,7 @@ class Diffusion(GenerativeModel):
     def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """DDPM's ``L_simple``: mean squared error of the predicted noise, ``t ~ U{1..T}``; a conditional model
         sees the labels ``y: (B,)``, each dropped to the null class with probability ``label_dropout``."""
-        if self.is_conditional and y is None:
-            raise ValueError("Diffusion was built with num_classes > 0 but got unlabelled batches; train it on a "
-                             "`data.conditional: true` DataModule (the CLI then links num_classes).")
+        y = require_labels("Diffusion", self.num_classes, y, x.shape[0])
         x0 = self.diffused_data(x)
         t = torch.randint(1, self.num_steps + 1, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
@@ -514,7 +513,7 @@ class Diffusion(GenerativeModel):
         if y is not None:
             if not self.is_conditional:
                 raise ValueError("Diffusion is unconditional (num_classes=0); call log_prob(x) without labels.")
-            labels = check_labels(y, x.shape[0], self.num_classes).to(x.device)
+            labels = check_labels("Diffusion", self.num_classes, y, x.shape[0]).to(x.device)
         with self._conditioned(labels):
             if kind == "ode":
                 return self.log_prob_ode(x)
@@ -535,11 +534,7 @@ class Diffusion(GenerativeModel):
             if y is not None or guidance != 1.0:
                 raise ValueError("Diffusion is unconditional (num_classes=0): sample without y and with "
                                  "guidance=1.0, or train a conditional model (data.conditional: true).")
-            labels = None
-        elif y is None:
-            labels = torch.randint(self.num_classes, (n,), device=self.device)
-        else:
-            labels = check_labels(y, n, self.num_classes).to(self.device)
+        labels = sampling_labels("Diffusion", self.num_classes, y, n, self.device)
         x = torch.randn(n, *self.data_shape, device=self.device)
         with self._conditioned(labels, guidance):
             return self._ancestral(x) if sampler == "ancestral" else self._ddim(x, steps or self.sample_steps)

@@ -31,7 +31,8 @@ from lightning_flows.flow_matching import (
 )
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn import make_time_backbone
-from lightning_flows.nn.class_conditioning import check_labels, drop_labels, guided
+from lightning_flows.conditioning import check_labels, check_num_classes, require_labels, sampling_labels
+from lightning_flows.nn.class_conditioning import drop_labels, guided
 from lightning_flows.ode import SolverConfig, as_solver_config, integrate, ode_log_likelihood
 
 __all__ = ["FlowMatching", "linear_path"]
@@ -94,9 +95,9 @@ class FlowMatching(GenerativeModel):
                  label_dropout: float = 0.1):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
-        if num_classes < 0 or not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"num_classes must be >= 0 and label_dropout in [0, 1), got {num_classes} and "
-                             f"{label_dropout}.")
+        num_classes = check_num_classes(num_classes)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
         if num_classes and coupling == "reflow":
             raise ValueError("coupling 'reflow' trains on an unconditional teacher's pairs, whose x1 carry no "
                              "labels; class-conditional flow matching supports coupling 'independent' or 'ot'.")
@@ -140,16 +141,10 @@ class FlowMatching(GenerativeModel):
         """``E |f_theta(x_t, t[, y]) - (x1 - x0)|^2`` on a prepared batch (all its randomness already drawn;
         only the label dropout of a conditional model draws here, from the global RNG)."""
         xt, target = linear_path(batch.x0, batch.x1, batch.t, self.sigma, batch.path_noise)
-        if not self.is_conditional:
-            if batch.y is not None:
-                raise ValueError("FlowMatching is unconditional (num_classes=0) but got labelled batches from a "
-                                 "`data.conditional: true` DataModule; use experiments/<dataset>/"
-                                 "flow_matching_conditional.yaml or set data.conditional: false.")
+        y = require_labels("FlowMatching", self.num_classes, batch.y, batch.x1.shape[0])
+        if y is None:
             return (self.velocity(xt, batch.t) - target).pow(2).mean()
-        if batch.y is None:
-            raise ValueError("FlowMatching was built with num_classes > 0 but got unlabelled batches; train it on a "
-                             "`data.conditional: true` DataModule (the CLI then links num_classes).")
-        y = drop_labels(batch.y, self.label_dropout, self.num_classes)
+        y = drop_labels(y, self.label_dropout, self.num_classes)
         return (self.velocity(xt, batch.t, y) - target).pow(2).mean()
 
     def training_loss(self, x1: Tensor, y: Tensor | None = None) -> Tensor:
@@ -217,9 +212,7 @@ class FlowMatching(GenerativeModel):
                 raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0): sample without y and with "
                                  f"guidance=1.0, or train a conditional model (data.conditional: true).")
             return None
-        if y is None:
-            return torch.randint(self.num_classes, (n,), device=self.device)
-        return check_labels(y, n, self.num_classes).to(self.device)
+        return sampling_labels("FlowMatching", self.num_classes, y, n, self.device)
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0,
@@ -254,7 +247,7 @@ class FlowMatching(GenerativeModel):
             if not self.is_conditional:
                 raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0); call log_prob(x) "
                                  f"without labels.")
-            labels = check_labels(y, x.shape[0], self.num_classes).to(x.device)
+            labels = check_labels("FlowMatching", self.num_classes, y, x.shape[0]).to(x.device)
             field = lambda z, t: self.velocity(z, t, labels)  # noqa: E731
         result = ode_log_likelihood(field, x, solver or self.likelihood_solver,
                                     divergence=self.likelihood_divergence, chunk_size=self.trace_chunk_size)

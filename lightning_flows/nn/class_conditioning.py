@@ -52,17 +52,6 @@ def drop_labels(y: Tensor, p: float, num_classes: int, generator: torch.Generato
     return torch.where(drop.to(y.device), torch.full_like(y, num_classes), y)
 
 
-def check_labels(y: Tensor, n: int, num_classes: int) -> Tensor:
-    """Requested classes ``y: (n,)`` in ``0..num_classes-1``, as int64; a clear error otherwise."""
-    y = torch.as_tensor(y)
-    if y.shape != (n,) or y.dtype.is_floating_point:
-        raise ValueError(f"y must hold one integer class per sample, shape ({n},); got {tuple(y.shape)} {y.dtype}.")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"classes must lie in 0..{num_classes - 1} (the model has {num_classes}); got "
-                         f"{int(y.min())}..{int(y.max())}.")
-    return y.long()
-
-
 def guided(network: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, t: Tensor | float, y: Tensor,
            guidance: float, num_classes: int) -> Tensor:
     """``f(x, t, null) + w (f(x, t, y) - f(x, t, null))`` for ``x: (B, ...)``, ``y: (B,)``, ``t`` scalar or
