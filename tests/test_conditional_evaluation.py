@@ -142,3 +142,14 @@ def test_two_gloo_ranks_give_the_single_process_class_metrics(classifier_file, t
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for key in ("class_accuracy", "class_fid", "class_kid", "class_fid_floor", "fid"):
             assert result[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_conditional_vae_reports_its_marginal_bound_without_a_posterior_gap(tmp_path):
+    from lightning_flows.models import VAE
+
+    torch.manual_seed(0)
+    model = VAE(data_shape=(1, 8, 8), num_classes=10, base_channels=8, iwae_k=2)
+    spec = EvaluationSpec(quality=False, timing=False, max_likelihood_examples=8, likelihood_batch_size=8,
+                          progress=False, cache_dir=str(tmp_path))
+    result = Evaluator(spec).evaluate(model, GenerativeDataModule("digits", conditional=True))
+    assert "nll_bound" in result and "posterior_gap_nats" not in result

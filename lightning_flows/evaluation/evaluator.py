@@ -41,7 +41,8 @@ KEYS = {
     "nll_gap_<kind>": "NLL minus the data's true entropy (toy densities with a known density); 0 is the limit",
     "true_entropy_nats": "the data's entropy on the same examples, -mean log p_data",
     "likelihood_examples": "examples the NLL averages over",
-    "posterior_gap_nats": "VAE: IWAE_K bound minus ELBO, nats per example (the lecture's posterior gap)",
+    "posterior_gap_nats": "VAE: IWAE_K bound minus ELBO, nats per example (the lecture's posterior gap); not "
+                          "reported for a conditional VAE, whose likelihood here is the marginal over classes",
     "nfe_per_sample": "network evaluations per generated sample",
     "ms_per_sample": "device-milliseconds per sample after one warm-up call, at sample_batch_size per call",
     "fid / fid_floor": "FID of the samples / of another real split at the same n, against the reference split",
