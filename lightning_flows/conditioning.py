@@ -1,7 +1,8 @@
-"""Class labels in the families without classifier-free guidance (RealNVP, Glow, NSF, VAE, GAN; issue 14).
+"""Class labels of the class-conditional families (issue 14): label checks and draws shared by all of them.
 
 A family built with ``num_classes = K > 0`` models ``p(x | y)`` for ``y in {0, ..., K-1}`` with the uniform
-class prior ``p(y) = 1 / K``; ``num_classes = 0`` is the unconditional model. These helpers check the labels
+class prior ``p(y) = 1 / K``; ``num_classes = 0`` is the unconditional model (flow matching and diffusion add
+classifier-free guidance: :mod:`lightning_flows.nn.class_conditioning`). These helpers check the labels
 a caller passes and draw them where the caller leaves them out, with the same error messages everywhere.
 """
 

@@ -10,11 +10,12 @@ from torch import Tensor
 
 
 def save_sample_figure(samples: Tensor, path: str | Path, title: str | None = None,
-                       reference: Tensor | None = None) -> Path:
+                       reference: Tensor | None = None, per_row: int | None = None) -> Path:
     """Write ``samples`` to ``path`` as PNG.
 
-    ``samples``: images ``(N, C, H, W)`` with intensities in [0, 1] (a square-ish grid), or points
-    ``(N, 2)`` (a scatter plot, with optional ``reference`` points drawn beside them).
+    ``samples``: images ``(N, C, H, W)`` with intensities in [0, 1] (a square-ish grid, or rows of ``per_row``
+    images, e.g. one row per class), or points ``(N, 2)`` (a scatter plot, with optional ``reference`` points
+    drawn beside them).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,7 +23,7 @@ def save_sample_figure(samples: Tensor, path: str | Path, title: str | None = No
     if samples.ndim == 4:
         import torchvision
 
-        nrow = max(1, int(math.ceil(math.sqrt(samples.shape[0]))))
+        nrow = per_row or max(1, int(math.ceil(math.sqrt(samples.shape[0]))))
         # Small images are upscaled so that an 8x8 digit stays legible.
         scale = max(1, 64 // samples.shape[-1])
         if scale > 1:

@@ -123,19 +123,20 @@ def test_independent_pixel_baseline_on_digits():
 
 # ---- data facts ----
 def test_models_accept_the_facts_they_name_and_levels_never_clash_with_glow_levels():
-    assert accepted_data_facts(VAE) == ("data_shape", "data_levels")
-    assert accepted_data_facts(Diffusion) == ("data_shape", "data_levels")
-    assert accepted_data_facts(FlowMatching) == ("data_shape",)
+    assert accepted_data_facts(VAE) == ("data_shape", "data_levels", "num_classes")
+    assert accepted_data_facts(Diffusion) == ("data_shape", "data_levels", "num_classes")
+    assert accepted_data_facts(FlowMatching) == ("data_shape", "num_classes")
     assert "data_levels" not in accepted_data_facts(Glow)  # Glow's own `levels` is its multi-scale depth
     dm = GenerativeDataModule("digits")
-    assert data_facts_for(VAE, dm) == {"data_shape": (1, 8, 8), "data_levels": 17}
+    assert data_facts_for(VAE, dm) == {"data_shape": (1, 8, 8), "data_levels": 17, "num_classes": 0}
     assert fill_data_facts(VAE, {"latent_dim": 3}, dm) == {"latent_dim": 3, "data_shape": (1, 8, 8),
-                                                             "data_levels": 17}
+                                                             "data_levels": 17, "num_classes": 0}
     with pytest.raises(ValueError, match="data_levels=256.*levels=17"):
         fill_data_facts(VAE, {"data_levels": 256}, dm)
     # A fact recorded for a model that does not take it (LightningCLI saves every link target) is dropped.
     assert fill_data_facts(FlowMatching, {"data_levels": None, "hidden": 8}, dm) == {"hidden": 8,
-                                                                                      "data_shape": (1, 8, 8)}
+                                                                                      "data_shape": (1, 8, 8),
+                                                                                      "num_classes": 0}
 
 
 def test_discrete_decoders_without_levels_name_the_fix():

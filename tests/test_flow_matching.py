@@ -38,7 +38,7 @@ def test_objective_is_the_velocity_regression():
 @pytest.mark.parametrize("method,steps,nfe", [("euler", 10, 10), ("midpoint", 10, 20), ("rk4", 5, 20)])
 def test_sampling_counts_function_evaluations(method, steps, nfe):
     model = FlowMatching(data_shape=(1, 8, 8), base_channels=8, channel_mults=(1, 2))
-    x = model.sample(3, SolverConfig(method, steps=steps))
+    x = model.sample(3, solver=SolverConfig(method, steps=steps))
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
     assert model.last_sample_nfe == nfe
 

@@ -130,5 +130,5 @@ def test_a_solver_config_pickled_before_the_new_fields_still_loads(tmp_path):
 
 def test_flow_matching_reports_the_nfe_of_heun_sampling():
     model = FlowMatching(data_shape=(2,), hidden=8, depth=1)
-    samples = model.sample(4, SolverConfig("heun", steps=3, time_grid="power"))
+    samples = model.sample(4, solver=SolverConfig("heun", steps=3, time_grid="power"))
     assert samples.shape == (4, 2) and model.last_sample_nfe == 5

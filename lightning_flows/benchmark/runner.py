@@ -172,7 +172,9 @@ def dry_run(suite: Suite, out: Path, extra: list[str]) -> list[dict]:
         cli = build_cli(args[1:] if args[0] == "fit" else args, run=False)
         model, datamodule = cli.model, cli.datamodule
         fake = torch.rand(2, *datamodule.data_shape) * 2 - 1  # model space of any dataset
-        loss = model.training_loss(fake)
+        # A conditional run's batches are labelled (x, y): so is its fake batch.
+        labels = (torch.arange(2) % datamodule.num_classes,) if datamodule.num_classes else ()
+        loss = model.training_loss(fake, *labels)
         if loss.ndim != 0 or not torch.isfinite(loss):
             raise RuntimeError(f"dry run of {plan.name}: the objective on a fake batch gave {loss}.")
         plan_rows.append({"run": f"{plan.model}/{plan.dataset}", "config": str(plan.config),

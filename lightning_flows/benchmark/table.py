@@ -64,7 +64,8 @@ def _steps(entry: dict) -> str:
 CONSTANT_KEYS = {"params", "optimizer_steps", "batch_size", "devices", "n_reference", "n_quality", "n_floor",
                  "sample_batch_size", "num_modes", "likelihood_examples", "true_entropy_nats",
                  # floors depend on the data split only, not on the model's seed
-                 "fid_floor", "kid_floor", "energy_distance_floor"}
+                 "fid_floor", "kid_floor", "energy_distance_floor", "class_fid_floor", "class_kid_floor",
+                 "class_accuracy_real", "guidance", "n_quality_per_class"}
 
 # (header, key, format) per dataset kind; a column is shown when any model has it.
 COMMON = (("params", "params", "{:,.0f}"), ("train s", "train_seconds", "{:.1f}"),
@@ -73,7 +74,11 @@ COMMON = (("params", "params", "{:,.0f}"), ("train s", "train_seconds", "{:.1f}"
 IMAGE_COLUMNS = COMMON + tuple((f"bits/dim ({KIND_LABEL[k]})", f"bpd_{k}", "{:.3f}") for k in LIKELIHOOD_KINDS) + (
     ("FID", "fid", "{:.2f}"), ("FID floor", "fid_floor", "{:.2f}"), ("KID", "kid", "{:.3g}"),
     ("KID floor", "kid_floor", "{:.3g}"), ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"),
-    ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"))
+    ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"),
+    # class-conditional models only (the column appears when a model has the key)
+    ("guidance w", "guidance", "{:g}"), ("class accuracy", "class_accuracy", "{:.3f}"),
+    ("class accuracy (real)", "class_accuracy_real", "{:.3f}"), ("class FID", "class_fid", "{:.2f}"),
+    ("class FID floor", "class_fid_floor", "{:.2f}"), ("class KID", "class_kid", "{:.3g}"))
 POINT_COLUMNS = COMMON + tuple((f"NLL gap, nats ({KIND_LABEL[k]})", f"nll_gap_{k}", "{:+.3f}")
                                for k in LIKELIHOOD_KINDS) + (
     ("energy dist.", "energy_distance", "{:.4f}"), ("ED floor", "energy_distance_floor", "{:.4f}"),

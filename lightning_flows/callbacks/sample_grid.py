@@ -64,12 +64,19 @@ class SampleGridCallback(L.Callback):
             return
         datamodule = trainer.datamodule
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        per_row = None
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.seed)
-            samples = pl_module.sample(self.n)
+            if getattr(pl_module, "is_conditional", False):
+                # One row per class (n // K samples each, at least one): shows whether the labels are followed.
+                per_row = max(1, self.n // pl_module.num_classes)
+                labels = torch.arange(pl_module.num_classes, device=pl_module.device).repeat_interleave(per_row)
+                samples = pl_module.sample(len(labels), y=labels)
+            else:
+                samples = pl_module.sample(self.n)
         reference = datamodule.split("val")[: 2000] if samples.ndim == 2 else None
         path = run_dir(trainer) / "samples" / filename
-        save_sample_figure(datamodule.to_pixels(samples), path, reference=reference, title=title)
+        save_sample_figure(datamodule.to_pixels(samples), path, reference=reference, title=title, per_row=per_row)
         self.last_path = path
         self._log_image(trainer, path)
 

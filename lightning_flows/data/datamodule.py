@@ -20,7 +20,8 @@ from torch import Tensor
 
 from lightning_flows.data.loader import InMemoryBatches
 from lightning_flows.data.quantisation import bin_index, dequantise, unit_cube_to_model_space_log_det
-from lightning_flows.data.registry import TORCHVISION_DATASETS, DatasetSplits, dataset_info, load_dataset
+from lightning_flows.data.registry import (DATASET_INFO, TORCHVISION_DATASETS, DatasetSplits, dataset_info,
+                                           load_dataset)
 from lightning_flows.metrics.bits_per_dim import bits_per_dim
 
 
@@ -36,12 +37,20 @@ class GenerativeDataModule(L.LightningDataModule):
         download: allow torchvision to download missing files.
         seed: fixes the splits, the evaluation dequantisation noise and the batch order.
         n_val: validation examples held out of the torchvision training sets.
+        conditional: serve ``(x, y)`` batches from every loader, ``y: (B,)`` int64 class labels, for
+            class-conditional models (the CLI links :attr:`num_classes` into them); labelled datasets only.
     """
 
     def __init__(self, dataset: str = "digits", batch_size: int = 128, eval_batch_size: int | None = None,
-                 data_dir: str = "data", download: bool = False, seed: int = 0, n_val: int = 5_000):
+                 data_dir: str = "data", download: bool = False, seed: int = 0, n_val: int = 5_000,
+                 conditional: bool = False):
         super().__init__()
         self.info = dataset_info(dataset)  # fails fast on an unknown name
+        if conditional and self.info.num_classes == 0:
+            labelled = ", ".join(name for name, info in DATASET_INFO.items() if info.num_classes)
+            raise ValueError(f"data.conditional: true needs class labels, and '{dataset}' has none. Use a labelled "
+                             f"dataset ({labelled}) or set data.conditional: false (and an unconditional model).")
+        self.conditional = conditional
         self.save_hyperparameters()
         self.dataset = dataset
         self.batch_size = batch_size
@@ -63,6 +72,11 @@ class GenerativeDataModule(L.LightningDataModule):
     @property
     def levels(self) -> int | None:
         return self.info.levels
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labels the loaders serve: the dataset's class count when ``conditional``, else 0."""
+        return self.info.num_classes if self.conditional else 0
 
     @property
     def is_discrete(self) -> bool:
@@ -123,6 +137,18 @@ class GenerativeDataModule(L.LightningDataModule):
             return self.dequantise(data, torch.rand(data.shape, generator=gen))
         return self.dequantise(data, self._eval_noise[name])
 
+    def split_labels(self, name: str) -> Tensor:
+        """The class labels ``(N,)`` int64 of split ``name``, in the order of :meth:`split`."""
+        self.setup()
+        labels = getattr(self.splits, f"{name}_labels")
+        if labels is None:
+            raise ValueError(f"'{self.dataset}' has no class labels; labelled datasets: "
+                             f"{', '.join(n for n, info in DATASET_INFO.items() if info.num_classes)}.")
+        return labels.long()
+
+    def _labels_served(self, name: str) -> Tensor | None:
+        return self.split_labels(name) if self.conditional else None
+
     def _train_transform(self, raw: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
         if not self.is_discrete:
             return raw
@@ -139,7 +165,7 @@ class GenerativeDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={self.batch_size} exceeds the {len(self.splits.train)} training "
                              f"examples of '{self.dataset}'; lower --data.batch_size.")
         loader = InMemoryBatches(self.splits.train, self.batch_size, self._train_transform,
-                                 shuffle=True, drop_last=True, seed=self.seed)
+                                 shuffle=True, drop_last=True, seed=self.seed, labels=self._labels_served("train"))
         # A model may add a stage after the loader (flow matching pairs noise with data there, ahead of the step).
         stage = getattr(self.trainer.lightning_module if self.trainer else None, "train_batch_stage", None)
         return loader if stage is None else stage(loader, self.seed)
@@ -147,7 +173,7 @@ class GenerativeDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> InMemoryBatches:
         self.setup()
         return InMemoryBatches(getattr(self.splits, split), self.eval_batch_size, self._eval_transform(split),
-                               shuffle=False, drop_last=False, seed=self.seed)
+                               shuffle=False, drop_last=False, seed=self.seed, labels=self._labels_served(split))
 
     def val_dataloader(self) -> InMemoryBatches:
         return self._eval_loader("val")

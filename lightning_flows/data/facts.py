@@ -10,8 +10,8 @@ it. Every path that builds a model reads this one table:
   which hold the facts it was trained with; :func:`fill_data_facts` adds any a checkpoint predates and
   refuses a checkpoint whose facts contradict its own DataModule.
 
-Adding a fact (e.g. ``data_num_classes`` for class-conditional models) is one line here plus the
-DataModule property; a model that wants it names the parameter.
+Adding a fact (as ``num_classes`` for class-conditional models) is one line here plus the DataModule
+property; a model that wants it names the parameter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 MODEL_DATA_FACTS: dict[str, str] = {
     "data_shape": "data_shape",  # one example's shape in model space
     "data_levels": "levels",     # quantisation levels L of discrete data (None for continuous data)
+    "num_classes": "num_classes",  # classes of a `conditional: true` DataModule's labels (0: unconditional)
 }
 
 

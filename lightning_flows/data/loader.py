@@ -28,10 +28,12 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class InMemoryBatches:
-    """Iterate over ``transform(data[idx], generator)`` for batches of indices ``idx``.
+    """Iterate over ``transform(data[idx], generator)`` for batches of indices ``idx``, or over
+    ``(transform(data[idx], generator), labels[idx])`` when ``labels`` are given.
 
     Args:
         data: ``(N, ...)`` tensor holding the whole split.
+        labels: ``(N,)`` class labels of ``data`` (same order), or None for unlabelled batches.
         batch_size: examples per batch on each rank.
         transform: ``(raw_batch, indices, generator) -> batch``, e.g. dequantisation.
         shuffle: reshuffle every epoch (training). Evaluation order is fixed.
@@ -44,9 +46,12 @@ class InMemoryBatches:
     """
 
     def __init__(self, data: Tensor, batch_size: int, transform: Callable[[Tensor, Tensor, torch.Generator], Tensor],
-                 shuffle: bool, drop_last: bool, seed: int = 0):
+                 shuffle: bool, drop_last: bool, seed: int = 0, labels: Tensor | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if labels is not None and len(labels) != len(data):
+            raise ValueError(f"labels must hold one label per example: {len(labels)} labels for {len(data)} examples.")
+        self.labels = labels
         self.data, self.batch_size, self.transform = data, batch_size, transform
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch = 0
@@ -81,7 +86,11 @@ class InMemoryBatches:
         """Make the next iteration continue ``state``'s epoch after its ``position`` batches."""
         self._resume_at = (int(state["epoch"]), int(state["position"]))
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def _batch(self, idx: Tensor, generator: torch.Generator) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.transform(self.data[idx], idx, generator)
+        return x if self.labels is None else (x, self.labels[idx])
+
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         rank, _ = _rank_and_world()
         epoch, skip = self.epoch, 0
         if self._resume_at is not None:
@@ -106,4 +115,4 @@ class InMemoryBatches:
                 self.transform(self.data[idx], idx, generator)
                 continue
             self.position = i + 1
-            yield self.transform(self.data[idx], idx, generator)
+            yield self._batch(idx, generator)

@@ -27,6 +27,7 @@ class DatasetInfo:
 
     shape: tuple[int, ...]  # one example, e.g. (2,) or (1, 8, 8)
     levels: int | None  # number of quantisation levels; None for continuous data
+    num_classes: int = 0  # classes of the labels every split carries; 0: unlabelled (toy 2D)
 
     @property
     def dim(self) -> int:
@@ -45,17 +46,19 @@ class DatasetSplits:
     info: DatasetInfo
     # Exact log-density of the data in its own space, when known (toy densities only).
     log_density: Callable[[Tensor], Tensor] | None = None
+    # Class labels ``(N,)`` int64 of each split, for labelled datasets (None for toy 2D).
     train_labels: Tensor | None = None
+    val_labels: Tensor | None = None
     test_labels: Tensor | None = None
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
     **{name: DatasetInfo(shape=(2,), levels=None) for name in TOY_SAMPLERS},
-    "digits": DatasetInfo(shape=(1, 8, 8), levels=17),
-    "mnist5k": DatasetInfo(shape=(1, 28, 28), levels=256),
-    "mnist": DatasetInfo(shape=(1, 28, 28), levels=256),
-    "fashion_mnist": DatasetInfo(shape=(1, 28, 28), levels=256),
-    "cifar10": DatasetInfo(shape=(3, 32, 32), levels=256),
+    "digits": DatasetInfo(shape=(1, 8, 8), levels=17, num_classes=10),
+    "mnist5k": DatasetInfo(shape=(1, 28, 28), levels=256, num_classes=10),
+    "mnist": DatasetInfo(shape=(1, 28, 28), levels=256, num_classes=10),
+    "fashion_mnist": DatasetInfo(shape=(1, 28, 28), levels=256, num_classes=10),
+    "cifar10": DatasetInfo(shape=(3, 32, 32), levels=256, num_classes=10),
 }
 
 
@@ -85,7 +88,7 @@ def _from_arrays(images: Tensor, labels: Tensor, info: DatasetInfo, n_val: int, 
                  seed: int) -> DatasetSplits:
     tr, va, te = _split_indices(len(images), n_val, n_test, seed)
     return DatasetSplits(images[tr], images[va], images[te], info,
-                         train_labels=labels[tr], test_labels=labels[te])
+                         train_labels=labels[tr].long(), val_labels=labels[va].long(), test_labels=labels[te].long())
 
 
 def _load_digits(seed: int) -> DatasetSplits:
@@ -131,7 +134,8 @@ def _load_torchvision(name: str, data_dir: str, download: bool, seed: int, n_val
     perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     return DatasetSplits(train_x[tr_idx], train_x[val_idx], test_x, DATASET_INFO[name],
-                         train_labels=train_y[tr_idx], test_labels=test_y)
+                         train_labels=train_y[tr_idx].long(), val_labels=train_y[val_idx].long(),
+                         test_labels=test_y.long())
 
 
 def load_dataset(name: str, seed: int = 0, data_dir: str = "data", download: bool = False,

@@ -20,11 +20,12 @@ from torch import Tensor
 
 from lightning_flows.data.toy2d import TOY_MODES
 from lightning_flows.evaluation.likelihood import split_likelihood
-from lightning_flows.evaluation.reference import build_extractor, extract_features, reference_features
+from lightning_flows.evaluation.reference import build_extractor, extract_features, real_pixels, reference_features
 from lightning_flows.evaluation.samples import chunk_seed, gather_chunks, generate_chunks, rank_chunks, warm_up
 from lightning_flows.evaluation.spec import EvaluationSpec, floor_split_for
-from lightning_flows.metrics import (energy_distance, frechet_distance, kernel_distance, mode_coverage,
-                                     path_straightness, precision_recall)
+from lightning_flows.metrics import (class_accuracy, class_conditional_distances, energy_distance, frechet_distance,
+                                     kernel_distance, mode_coverage, path_straightness, precision_recall,
+                                     requested_classes)
 from lightning_flows.metrics.classifier import default_cache_dir
 from lightning_flows.metrics.distributed import rank_and_world
 from lightning_flows.metrics.sampling_cost import SamplingCost
@@ -34,12 +35,14 @@ from lightning_flows.ode.solve import observe_field_evaluations
 # What each key of a result means (the table, results.json and loggers use these names).
 KEYS = {
     "weights": "which weights were evaluated: 'ema' (the run's average, what `sample` uses) or 'training'",
-    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate",
+    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate "
+                  "(class-conditional flow matching / diffusion: of their null-class, i.e. unconditional, field)",
     "bpd_<kind>": "the same NLL as bits per dimension of the discrete data (through metrics.bits_per_dim)",
     "nll_gap_<kind>": "NLL minus the data's true entropy (toy densities with a known density); 0 is the limit",
     "true_entropy_nats": "the data's entropy on the same examples, -mean log p_data",
     "likelihood_examples": "examples the NLL averages over",
-    "posterior_gap_nats": "VAE: IWAE_K bound minus ELBO, nats per example (the lecture's posterior gap)",
+    "posterior_gap_nats": "VAE: IWAE_K bound minus ELBO, nats per example (the lecture's posterior gap); not "
+                          "reported for a conditional VAE, whose likelihood here is the marginal over classes",
     "nfe_per_sample": "network evaluations per generated sample",
     "ms_per_sample": "device-milliseconds per sample after one warm-up call, at sample_batch_size per call",
     "fid / fid_floor": "FID of the samples / of another real split at the same n, against the reference split",
@@ -51,6 +54,13 @@ KEYS = {
                                            "uniform) in nats, fraction of samples within 3 std of a mode",
     "straightness / straightness_rel": "ODE samplers: mean Liu et al. straightness S of straightness_paths paths "
                                        "from noise (0 = straight at constant speed), and S / kinetic energy in [0, 1]",
+    "guidance": "class-conditional models: the classifier-free guidance weight w the samples were drawn with",
+    "class_accuracy": "class-conditional models: fraction of samples the feature classifier assigns to the class "
+                      "they were drawn for (equal counts per class; 1.0 = every class as asked, ~1/K = label ignored)",
+    "class_accuracy_real": "the same classifier's accuracy on the real reference split (the attainable ceiling)",
+    "class_fid / class_fid_floor": "class-conditional FID: per class, the reference split's examples of that class "
+                                   "vs the samples drawn for it (floor: another real split's), averaged over classes",
+    "class_kid / class_kid_floor": "class-conditional KID, averaged over classes the same way",
 }
 
 
@@ -62,10 +72,12 @@ class Evaluator:
         self.spec = spec or EvaluationSpec()
         self.cache_dir = Path(self.spec.cache_dir).expanduser() if self.spec.cache_dir else default_cache_dir()
         self._extractor = None
+        self._label_classifier = None  # the feature classifier whose labels score conditional samples
         self._reference: dict[tuple, tuple[Tensor, Tensor]] = {}  # (dataset, split) -> (reference, floor)
         self._point_floor: dict[tuple, float] = {}  # (dataset, seed, split, n) -> energy distance of the floor
         self.last_samples: Tensor | None = None  # the evaluated samples, model space, every rank
         self.last_rank_samples = 0  # how many of them this rank drew
+        self.last_labels: Tensor | None = None  # the classes they were drawn for (class-conditional models)
 
     # ---- the entry point ----
     def evaluate(self, model, datamodule, weights: str = "training", likelihood_split: str | None = None,
@@ -121,17 +133,30 @@ class Evaluator:
         return result
 
     # ---- samples: cost and quality ----
+    def _requested_labels(self, model, datamodule) -> Tensor | None:
+        """The classes the samples are drawn for: ``(n_samples,)`` for a class-conditional model on labelled image
+        data with ``spec.class_metrics``, else None (the model's own draw, e.g. uniform classes)."""
+        conditional = getattr(model, "is_conditional", False)
+        if not (conditional and self.spec.class_metrics and len(datamodule.data_shape) == 3):
+            return None
+        return requested_classes(self.spec.n_samples, model.num_classes)
+
     def _samples(self, model, datamodule, rank: int, world: int) -> dict:
         spec = self.spec
+        labels = self._requested_labels(model, datamodule)
+        conditional = getattr(model, "is_conditional", False)
+        # Guidance belongs to conditional models; unconditional ones draw as always.
+        guidance = spec.guidance if conditional else 1.0
         if spec.timing:
-            warm_up(model, min(spec.sample_batch_size, 16))
+            warm_up(model, min(spec.sample_batch_size, 16), labels, guidance)
         cost = SamplingCost()
         share = sum(length for _, length in rank_chunks(spec.n_samples, spec.sample_batch_size, rank, world))
         with self._bar(share, "sampling", rank, world) as bar:
             chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
-                                     progress=bar)
+                                     progress=bar, labels=labels, guidance=guidance)
         self.last_rank_samples = sum(len(x) for _, x in chunks)
-        result: dict = {}
+        self.last_labels = labels
+        result: dict = {"guidance": guidance} if conditional else {}
         if spec.timing:
             total = cost.reduced(model.device)
             result.update(sample_batch_size=spec.sample_batch_size, ms_per_sample=1000 * total.sec_per_sample)
@@ -141,18 +166,20 @@ class Evaluator:
             self.last_samples = None
             return result
         if len(datamodule.data_shape) == 3:
-            result.update(self._image_quality(chunks, datamodule, model.device, rank, world))
+            result.update(self._image_quality(chunks, datamodule, model.device, rank, world,
+                                              labels if spec.class_metrics else None))
         else:
             result.update(self._point_quality(gather_chunks(chunks), datamodule))
         return result
 
-    def _image_quality(self, chunks, datamodule, device, rank: int, world: int) -> dict:
+    def _image_quality(self, chunks, datamodule, device, rank: int, world: int, labels: Tensor | None = None) -> dict:
         spec = self.spec
         if self._extractor is None:
             self._extractor = build_extractor(spec.feature_extractor, datamodule.dataset,
                                               spec.feature_extractor_weights_path, self.cache_dir, rank, device)
         extractor = self._extractor.to(device)
-        reference, floor = self._reference_and_floor(datamodule, device, rank, world)
+        reference, floor_split = self._reference_and_floor(datamodule, device, rank, world)
+        floor = floor_split[: spec.n_samples]
         with self._bar(sum(len(x) for _, x in chunks), "features (samples)", rank, world) as bar:
             fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device,
                                                 progress=bar)) for i, x in chunks]
@@ -163,11 +190,57 @@ class Evaluator:
         precision, recall = precision_recall(reference, fake, spec.pr_k)
         extra_fids = {f"fid_n{n}": frechet_distance(reference, fake[:n]) for n in spec.fid_sample_counts or []
                       if 2 <= n < len(fake)}
+        if labels is not None:
+            extra_fids.update(self._class_metrics(datamodule, labels[:len(fake)], fake, reference, floor_split, device,
+                                                  rank))
         return {**extra_fids, "extractor": f"{extractor.name}-{extractor.fingerprint}",
                 "reference_split": spec.reference_split,
                 "n_reference": len(reference), "n_quality": len(fake), "n_floor": len(floor),
                 "fid": frechet_distance(reference, fake), "fid_floor": frechet_distance(reference, floor),
                 "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "precision": precision, "recall": recall}
+
+    # ---- class-conditional samples ----
+    def _class_logits(self, features: Tensor, pixels_of, datamodule, device, rank: int) -> Tensor:
+        """The feature classifier's logits ``(N, K)``: from the FID features when the FID extractor is that
+        classifier (the same network, no second pass), else from ``pixels_of()`` through the classifier."""
+        classifier = getattr(self._extractor, "classifier", None)
+        if classifier is not None:
+            with torch.inference_mode():
+                return classifier.head(features.to(device, next(classifier.parameters()).dtype)).cpu()
+        if self._label_classifier is None:
+            self._label_classifier = build_extractor("classifier", datamodule.dataset, None, self.cache_dir, rank,
+                                                     device).classifier
+        classifier = self._label_classifier.to(device)
+        pixels = pixels_of()
+        with torch.inference_mode():
+            return torch.cat([classifier(pixels[i:i + self.spec.sample_batch_size].to(device)).cpu()
+                              for i in range(0, len(pixels), self.spec.sample_batch_size)])
+
+    def _class_metrics(self, datamodule, labels: Tensor, fake: Tensor, reference: Tensor, floor_split: Tensor, device,
+                       rank: int) -> dict:
+        """Accuracy of the requested classes and class-conditional FID/KID (with their real-vs-real floors), from
+        the features of the samples (``fake``, drawn for ``labels``) and of the real splits. The floor takes, per
+        class, as many real examples of the floor split as there are samples of that class (its first ones)."""
+        spec = self.spec
+        reference_labels = datamodule.split_labels(spec.reference_split)
+        floor_split_labels = datamodule.split_labels(floor_split_for(spec.reference_split))
+        counts = torch.bincount(labels, minlength=int(floor_split_labels.max()) + 1)
+        chosen = torch.cat([(floor_split_labels == c).nonzero().squeeze(1)[:int(k)] for c, k in enumerate(counts)
+                            if k > 0])
+        floor, floor_labels = floor_split[chosen], floor_split_labels[chosen]
+        samples = self.last_samples
+        fake_logits = self._class_logits(fake, lambda: datamodule.to_pixels(samples), datamodule, device, rank)
+        real_logits = self._class_logits(reference, lambda: real_pixels(datamodule, spec.reference_split),
+                                         datamodule, device, rank)
+        model_distances = class_conditional_distances(reference, reference_labels, fake, labels, spec.kid_subsets,
+                                                      spec.seed)
+        floor_distances = class_conditional_distances(reference, reference_labels, floor, floor_labels,
+                                                      spec.kid_subsets, spec.seed)
+        return {"class_accuracy": class_accuracy(fake_logits, labels),
+                "class_accuracy_real": class_accuracy(real_logits, reference_labels),
+                "class_fid": model_distances.fid, "class_fid_floor": floor_distances.fid,
+                "class_kid": model_distances.kid, "class_kid_floor": floor_distances.kid,
+                "n_quality_per_class": int(counts[counts > 0].min())}
 
     def _reference_and_floor(self, datamodule, device, rank: int, world: int) -> tuple[Tensor, Tensor]:
         key = (datamodule.dataset, datamodule.seed, self.spec.reference_split)
@@ -177,8 +250,9 @@ class Evaluator:
                                                        progress=lambda n: self._bar(n, f"features ({split})", rank,
                                                                                     world))
             reference = extract(self.spec.reference_split)
-            floor = extract(floor_split_for(self.spec.reference_split))[: self.spec.n_samples]
-            self._reference[key] = (reference, floor)
+            # The whole floor split: the unconditional floor uses its first n_samples, the class-conditional
+            # one the first examples of each class.
+            self._reference[key] = (reference, extract(floor_split_for(self.spec.reference_split)))
         return self._reference[key]
 
     def _point_quality(self, samples: Tensor, datamodule) -> dict:
@@ -253,7 +327,8 @@ class Evaluator:
 
 
 # Counts and settings that label other numbers; kept in results, not logged as metrics.
-LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes", "straightness_paths")
+LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes", "straightness_paths",
+              "guidance", "n_quality_per_class")
 
 
 def metric_names(result: dict) -> dict[str, str]:
@@ -263,9 +338,11 @@ def metric_names(result: dict) -> dict[str, str]:
     for key, value in result.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key in LABEL_KEYS:
             continue
-        if key in ("fid", "kid", "kid_std"):
+        if key in ("fid", "kid", "kid_std", "class_fid", "class_kid", "class_accuracy"):
             names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_quality']}"
-        elif key in ("fid_floor", "kid_floor"):
+            if result.get("guidance", 1.0) != 1.0:  # guided samples are another model's: never mix them up
+                names[key] += f"_w{result['guidance']:g}"
+        elif key in ("fid_floor", "kid_floor", "class_fid_floor", "class_kid_floor"):
             names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_floor']}"
         else:
             names[key] = key

@@ -35,7 +35,10 @@ class SplitLikelihood:
 def family_extra_names(model, kinds) -> list[str]:
     """Family-specific numbers for the lecture's "key limitation" column (decided from the model alone,
     so every rank agrees on them even with no batch to evaluate)."""
-    return [POSTERIOR_GAP] if hasattr(model, "elbo") and "bound" in kinds else []  # a VAE: IWAE_K bound
+    # A VAE: IWAE_K bound minus ELBO. Not for a conditional VAE: its likelihood here is the marginal over classes,
+    # which has no single ELBO to compare with.
+    conditional = getattr(model, "is_conditional", False)
+    return [POSTERIOR_GAP] if hasattr(model, "elbo") and "bound" in kinds and not conditional else []
 
 
 def _family_extras(model, x: Tensor, log_probs: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:

@@ -35,16 +35,30 @@ def _cuda_devices(model) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def warm_up(model, n: int) -> None:
+def sample_kwargs(labels: Tensor | None, start: int, length: int, guidance: float) -> dict:
+    """What ``model.sample`` takes besides ``n`` for samples ``start .. start + length`` of a draw: the requested
+    classes ``labels[start:start + length]`` (if any) and a guidance weight other than 1; nothing for a plain draw."""
+    kwargs: dict = {} if labels is None else {"y": labels[start:start + length]}
+    if guidance != 1.0:
+        kwargs["guidance"] = guidance
+    return kwargs
+
+
+def warm_up(model, n: int, labels: Tensor | None = None, guidance: float = 1.0) -> None:
     """One untimed ``sample`` call (lazy initialisation, allocator, kernel selection) that leaves the
-    caller's random state untouched."""
+    caller's random state untouched; a conditional draw warms up with its labels and guidance."""
+    n = max(1, n)
     with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
-        model.sample(max(1, n))
+        model.sample(n, **sample_kwargs(None if labels is None else labels[:n], 0, n, guidance))
 
 
 def generate_chunks(model, n: int, chunk_size: int, seed: int, rank: int, world: int,
-                    cost: SamplingCost | None = None, progress=None) -> list[Chunk]:
+                    cost: SamplingCost | None = None, progress=None, labels: Tensor | None = None,
+                    guidance: float = 1.0) -> list[Chunk]:
     """This rank's chunks of the ``n`` samples, in model space, each timed into ``cost``.
+
+    ``labels: (n,)``: the class each sample is drawn for (a conditional model), drawn with ``guidance``;
+    sample ``j`` is always drawn for ``labels[j]``, whichever rank draws its chunk.
 
     Sampling runs under ``fork_rng``, so training randomness is untouched by evaluation, and under
     ``torch.inference_mode`` (no autograd bookkeeping at all; a chunk at a time bounds the memory).
@@ -55,7 +69,8 @@ def generate_chunks(model, n: int, chunk_size: int, seed: int, rank: int, world:
     with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
         for index, length in rank_chunks(n, chunk_size, rank, world):
             torch.manual_seed(chunk_seed(seed, index))
-            chunks.append((index, timed_sample(model, length, cost, model.device)))
+            extra = sample_kwargs(labels, index * chunk_size, length, guidance)
+            chunks.append((index, timed_sample(model, length, cost, model.device, **extra)))
             if progress is not None:
                 progress.update(length)
     return chunks

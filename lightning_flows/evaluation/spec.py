@@ -32,6 +32,12 @@ class EvaluationSpec:
             noise to measure the straightness of (:func:`lightning_flows.metrics.path_straightness`); 0: none.
         straightness_steps: midpoint steps of those paths (the field is read at each step's start and end).
         extras: family-specific numbers for the lecture's "key limitation" (VAE posterior gap).
+        guidance: classifier-free guidance weight ``w`` of a class-conditional model's samples (1: the
+            conditional model; families without guidance accept only 1). Ignored for unconditional models.
+        class_metrics: class-conditional models on labelled image data: draw the samples for requested classes
+            (``0, 1, ..., K-1, 0, ...``: equal counts per class when ``n_samples`` is a multiple of ``K``) and
+            report the feature classifier's accuracy on them and class-conditional FID/KID. Off: samples with
+            uniformly random classes, unconditional metrics only.
         cache_dir: reference features and classifiers (default ``$LIGHTNING_FLOWS_CACHE``).
         progress: show progress bars on rank zero.
     """
@@ -54,6 +60,8 @@ class EvaluationSpec:
     straightness_paths: int = 0
     straightness_steps: int = 50
     extras: bool = True
+    guidance: float = 1.0
+    class_metrics: bool = True
     cache_dir: str | None = None
     progress: bool = True
 

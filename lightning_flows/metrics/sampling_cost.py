@@ -64,12 +64,13 @@ class SamplingCost:
         return SamplingCost(int(round(samples)), seconds, nfe_samples, int(round(with_nfe)))
 
 
-def timed_sample(model, n: int, cost: SamplingCost, device: torch.device | str) -> torch.Tensor:
-    """``model.sample(n)``, with its wall time and NFE added to ``cost``. Returns ``(n, *shape)``."""
+def timed_sample(model, n: int, cost: SamplingCost, device: torch.device | str, **sample_kwargs) -> torch.Tensor:
+    """``model.sample(n, **sample_kwargs)`` (e.g. a conditional model's ``y`` and ``guidance``), with its wall
+    time and NFE added to ``cost``. Returns ``(n, *shape)``."""
     model.last_sample_nfe = None  # a family that does not report NFE must not inherit a stale value
     synchronize(device)
     start = time.perf_counter()
-    samples = model.sample(n)
+    samples = model.sample(n, **sample_kwargs)
     synchronize(device)
     cost.add(n, time.perf_counter() - start, model.last_sample_nfe)
     return samples

@@ -68,6 +68,12 @@ class GenerativeModel(L.LightningModule):
     def dim(self) -> int:
         return math.prod(self.data_shape)
 
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the model was built with classes (``num_classes > 0``, linked from a ``conditional: true``
+        DataModule): it then trains on ``(x, y)`` batches and ``sample(n, y)`` draws the requested classes."""
+        return getattr(self, "num_classes", 0) > 0
+
     # ---- what a family implements ----
     def training_loss(self, x: Tensor) -> Tensor:
         """Scalar objective on a batch ``x: (B, *data_shape)`` in model space."""
@@ -107,6 +113,10 @@ class GenerativeModel(L.LightningModule):
     def _step(self, batch: Tensor | tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = split_batch(batch)
         self._check_input(x)
+        if y is not None and not self.is_conditional:
+            raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0) but got a labelled (x, y) batch "
+                             f"from a `data.conditional: true` DataModule; use the family's conditional config "
+                             f"(experiments/<dataset>/<family>_conditional.yaml) or set data.conditional: false.")
         # Unconditional families keep their one-argument objective; a labelled batch reaches only a
         # family built with classes (``num_classes > 0``, linked from a ``conditional: true`` DataModule).
         loss = self.training_loss(x) if y is None else self.training_loss(x, y)

@@ -27,12 +27,20 @@ correct bits/dim bound for image data (the discrete one is ``-log2 P(k) / D``, v
 
 The exact alternative, ``log_prob(kind="ode")``, is the probability-flow ODE's log-density
 (see :class:`Diffusion`).
+
+Class-conditional (``num_classes > 0``, linked from a ``conditional: true`` DataModule): the network is
+``eps_theta(x_t, t, y)``, training drops labels to a learned null class with probability ``label_dropout``,
+and both samplers (ancestral, DDIM) use the classifier-free guided noise prediction
+``eps(x_t, t, null) + w (eps(x_t, t, y) - eps(x_t, t, null))`` (:mod:`lightning_flows.nn.class_conditioning`,
+one network call per step on the doubled batch). ``log_prob(x, y)`` scores ``p(x | y)`` (bound or ODE) with the
+conditional network (w = 1); ``log_prob(x)`` without labels scores the null-class (unconditional) network.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +49,8 @@ from lightning_flows.data.quantisation import bin_centre, bin_index, piecewise_c
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.models.discretized import discretized_gaussian_log_prob
 from lightning_flows.nn import broadcast_time, make_time_backbone
+from lightning_flows.conditioning import check_labels, check_num_classes, require_labels, sampling_labels
+from lightning_flows.nn.class_conditioning import drop_labels, guided
 from lightning_flows.ode import DIVERGENCE_KINDS, SolverConfig, as_solver_config, ode_log_likelihood
 
 LOG_2PI = math.log(2 * math.pi)
@@ -280,6 +290,9 @@ class Diffusion(GenerativeModel):
         likelihood_solver: ODE solver of :meth:`log_prob_ode` (default dopri5, rtol = atol = 1e-5,
             at most 10,000 evaluations: ``max_nfe``).
         likelihood_divergence: ``exact`` trace or ``hutchinson`` (unbiased, one backward pass).
+        num_classes: classes of the labels (linked from a ``conditional: true`` DataModule); 0 = unconditional.
+        label_dropout: probability that a training label is replaced by the null class (classifier-free
+            guidance needs the unconditional branch it trains); used when ``num_classes > 0``.
     """
 
     likelihood = "bound"
@@ -295,9 +308,17 @@ class Diffusion(GenerativeModel):
                  ddim_eta: float = 0.0, clip_denoised: bool | None = None, bound_timesteps: int | None = None,
                  bound_chunk: int = 8, likelihood_kind: Literal["bound", "ode"] = "bound",
                  likelihood_solver: SolverConfig | dict | None = None, likelihood_divergence: str = "exact",
-                 lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_steps: int = 0):
+                 lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_steps: int = 0,
+                 num_classes: int = 0, label_dropout: float = 0.1):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
+        num_classes = check_num_classes(num_classes)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
+        self.num_classes, self.label_dropout = num_classes, label_dropout
+        # Labels of the current sampling / likelihood call and the guidance weight (see ``_eps``).
+        self._labels: Tensor | None = None
+        self._guidance = 1.0
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'.")
         if decoder == "discretized" and (data_levels is None or data_levels < 2):
@@ -330,7 +351,7 @@ class Diffusion(GenerativeModel):
         self.last_log_prob_nfe: int | None = None
         self.eps_model = make_time_backbone(self.data_shape, backbone, hidden=hidden, depth=depth,
                                             base_channels=base_channels, channel_mults=channel_mults,
-                                            activation=activation)
+                                            activation=activation, num_classes=num_classes)
 
     def diffused_data(self, x: Tensor) -> Tensor:
         """What the forward process starts from: ``x`` itself (``gaussian`` decoder) or the centre of
@@ -340,9 +361,28 @@ class Diffusion(GenerativeModel):
         return bin_centre(bin_index(x, self.data_levels), self.data_levels, x.dtype)
 
     # ---- network and reverse process ----
-    def forward(self, xt: Tensor, t: Tensor) -> Tensor:
-        """``eps_theta(x_t, t)`` for integer ``t: (B,)``; the network sees ``t / T`` in (0, 1]."""
-        return self.eps_model(xt, t.to(xt.dtype) / self.num_steps)
+    def forward(self, xt: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``eps_theta(x_t, t[, y])`` for integer ``t: (B,)``; the network sees ``t / T`` in (0, 1]. A conditional
+        model without labels uses its null class."""
+        time = t.to(xt.dtype) / self.num_steps
+        return self.eps_model(xt, time) if y is None else self.eps_model(xt, time, y)
+
+    def _eps(self, xt: Tensor, t: Tensor) -> Tensor:
+        """The noise prediction every reverse-process step uses: ``eps_theta(x_t, t)`` of an unconditional model,
+        else the guided prediction for the labels and weight of the current call (:meth:`_conditioned`)."""
+        if self._labels is None:
+            return self(xt, t)
+        return guided(self, xt, t, self._labels, self._guidance, self.num_classes)
+
+    @contextmanager
+    def _conditioned(self, labels: Tensor | None, guidance: float = 1.0) -> Iterator[None]:
+        """Reverse-process steps inside the block use ``labels: (B,)`` with guidance weight ``guidance``."""
+        saved = self._labels, self._guidance
+        self._labels, self._guidance = labels, guidance
+        try:
+            yield
+        finally:
+            self._labels, self._guidance = saved
 
     def reverse_var(self, t: Tensor, like: Tensor) -> Tensor:
         """``sigma_t^2`` of ``p(x_{t-1} | x_t)``, broadcastable to ``like``."""
@@ -351,18 +391,21 @@ class Diffusion(GenerativeModel):
 
     def reverse_mean(self, xt: Tensor, t: Tensor, clip: bool = False) -> Tensor:
         """Mean of ``p(x_{t-1} | x_t)``: the posterior mean at the predicted ``x0_hat``."""
-        x0_hat = self.schedule.predict_x0(xt, t, self(xt, t))
+        x0_hat = self.schedule.predict_x0(xt, t, self._eps(xt, t))
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
         return self.schedule.posterior_mean(x0_hat, xt, t)
 
     # ---- objective ----
-    def training_loss(self, x: Tensor) -> Tensor:
-        """DDPM's ``L_simple``: mean squared error of the predicted noise, ``t ~ U{1..T}``."""
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """DDPM's ``L_simple``: mean squared error of the predicted noise, ``t ~ U{1..T}``; a conditional model
+        sees the labels ``y: (B,)``, each dropped to the null class with probability ``label_dropout``."""
+        y = require_labels("Diffusion", self.num_classes, y, x.shape[0])
         x0 = self.diffused_data(x)
         t = torch.randint(1, self.num_steps + 1, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        return (self(self.schedule.q_sample(x0, t, noise), t) - noise).pow(2).mean()
+        labels = None if y is None else drop_labels(y, self.label_dropout, self.num_classes)
+        return (self(self.schedule.q_sample(x0, t, noise), t, labels) - noise).pow(2).mean()
 
     # ---- the variational bound ----
     def prior_term(self, x0: Tensor) -> Tensor:
@@ -408,7 +451,10 @@ class Diffusion(GenerativeModel):
             tc = t[:, start:start + self.bound_chunk]
             kc = tc.shape[1]
             x_rep = x0.unsqueeze(1).expand(batch, kc, *x0.shape[1:]).reshape(batch * kc, *x0.shape[1:])
-            columns.append(self.transition_terms(x_rep, tc.reshape(-1)).reshape(batch, kc))
+            # Each example's label follows its kc copies.
+            labels = None if self._labels is None else self._labels.repeat_interleave(kc)
+            with nullcontext() if labels is None else self._conditioned(labels, self._guidance):
+                columns.append(self.transition_terms(x_rep, tc.reshape(-1)).reshape(batch, kc))
         return torch.cat(columns, 1)
 
     @torch.no_grad()
@@ -429,7 +475,8 @@ class Diffusion(GenerativeModel):
         shape = (-1,) + (1,) * (x.ndim - 1)
         beta = self.schedule.continuous_beta(t).reshape(shape)
         sigma = self.schedule.continuous_sigma(t).reshape(shape)
-        return -0.5 * beta * (x - self.eps_model(x, t) / sigma)
+        eps = self.eps_model(x, t) if self._labels is None else self.eps_model(x, t, self._labels)
+        return -0.5 * beta * (x - eps / sigma)
 
     def log_prob_ode(self, x: Tensor, solver: SolverConfig | None = None) -> Tensor:
         """The exact ``log p(x)`` of the probability-flow ODE (model space, nats), ``(B, *data_shape)`` ->
@@ -455,28 +502,42 @@ class Diffusion(GenerativeModel):
         """Both likelihoods, so the table shows DDPM's bound beside the probability-flow ODE's value."""
         return {"bound": lambda x: self.log_prob(x, kind="bound"), self._ode_label(): self.log_prob_ode}
 
-    def log_prob(self, x: Tensor, kind: str | None = None) -> Tensor:
+    def log_prob(self, x: Tensor, y: Tensor | None = None, kind: str | None = None) -> Tensor:
         """``log p(x)`` in nats per example, model space, ``(B,)``, of the given ``kind`` (default: the
-        configured ``likelihood_kind``): ``bound`` is ``-L``, a stochastic lower bound; ``ode`` is exact."""
+        configured ``likelihood_kind``): ``bound`` is ``-L``, a stochastic lower bound; ``ode`` is exact.
+        With labels ``y: (B,)`` a conditional model scores ``p(x | y)``; without, its null-class network."""
         kind = kind or self.default_likelihood
         if kind not in LIKELIHOOD_KINDS:
             raise ValueError(f"kind must be one of {', '.join(LIKELIHOOD_KINDS)}, got '{kind}'.")
-        if kind == "ode":
-            return self.log_prob_ode(x)
-        self._check_input(x)
-        return -self.variational_bound(x)
+        labels = None
+        if y is not None:
+            if not self.is_conditional:
+                raise ValueError("Diffusion is unconditional (num_classes=0); call log_prob(x) without labels.")
+            labels = check_labels("Diffusion", self.num_classes, y, x.shape[0]).to(x.device)
+        with self._conditioned(labels):
+            if kind == "ode":
+                return self.log_prob_ode(x)
+            self._check_input(x)
+            return -self.variational_bound(x)
 
     # ---- sampling ----
     @torch.no_grad()
-    def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> Tensor:
-        """``n`` samples ``(n, *data_shape)``; ``sampler``/``steps`` override the configured ones."""
+    def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0, sampler: str | None = None,
+               steps: int | None = None) -> Tensor:
+        """``n`` samples ``(n, *data_shape)``; ``sampler``/``steps`` override the configured ones. A conditional
+        model draws class ``y[i]`` for sample ``i`` (uniform classes when ``y`` is None), with classifier-free
+        guidance weight ``guidance`` on the noise prediction."""
         sampler = sampler or self.sampler
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"sampler must be 'ancestral' or 'ddim', got '{sampler}'.")
+        if not self.is_conditional:
+            if y is not None or guidance != 1.0:
+                raise ValueError("Diffusion is unconditional (num_classes=0): sample without y and with "
+                                 "guidance=1.0, or train a conditional model (data.conditional: true).")
+        labels = sampling_labels("Diffusion", self.num_classes, y, n, self.device)
         x = torch.randn(n, *self.data_shape, device=self.device)
-        if sampler == "ancestral":
-            return self._ancestral(x)
-        if sampler == "ddim":
-            return self._ddim(x, steps or self.sample_steps)
-        raise ValueError(f"sampler must be 'ancestral' or 'ddim', got '{sampler}'.")
+        with self._conditioned(labels, guidance):
+            return self._ancestral(x) if sampler == "ancestral" else self._ddim(x, steps or self.sample_steps)
 
     def _ancestral(self, x: Tensor) -> Tensor:
         for step in range(self.num_steps, 0, -1):
@@ -493,7 +554,7 @@ class Diffusion(GenerativeModel):
         for i in range(len(timesteps) - 1, -1, -1):
             step, prev = timesteps[i], timesteps[i - 1] if i > 0 else 0
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            eps = self(x, t)
+            eps = self._eps(x, t)
             x0_hat = self.schedule.predict_x0(x, t, eps)
             if self.clip_denoised:
                 x0_hat = x0_hat.clamp(-1, 1)

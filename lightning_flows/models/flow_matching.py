@@ -8,6 +8,14 @@ width ``sigma`` around the straight line, logit-normal times.
 Sampling: solve ``dx/dt = f_theta(x, t)`` from ``t = 0`` (noise) to ``t = 1`` (data).
 Likelihood: the learned field is a CNF, so ``log_prob`` is exact through the shared
 :func:`lightning_flows.ode.ode_log_likelihood` (data integrated back to noise with the trace term).
+
+Class-conditional (``num_classes > 0``, linked from a ``conditional: true`` DataModule): the field is
+``f_theta(x, t, y)``, labels are dropped to a learned null class with probability ``label_dropout`` during
+training, and ``sample(n, y, guidance=w)`` integrates the classifier-free guided field
+``f(x, t, null) + w (f(x, t, y) - f(x, t, null))`` (:mod:`lightning_flows.nn.class_conditioning`, one network
+call per step on the doubled batch). ``log_prob(x, y)`` is the exact ``log p(x | y)`` of the conditional
+field (w = 1); ``log_prob(x)`` without labels is the exact log-density of the *null-class* field, the
+unconditional model learnt through label dropout (not the mixture of the conditional fields).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from lightning_flows.flow_matching import (
 )
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn import make_time_backbone
+from lightning_flows.conditioning import check_labels, check_num_classes, require_labels, sampling_labels
+from lightning_flows.nn.class_conditioning import drop_labels, guided
 from lightning_flows.ode import SolverConfig, as_solver_config, integrate, ode_log_likelihood
 
 __all__ = ["FlowMatching", "linear_path"]
@@ -63,6 +73,9 @@ class FlowMatching(GenerativeModel):
         reflow_pairs: how many teacher pairs to generate when fit/validate/test starts (split across DDP ranks).
         reflow_solver: the teacher's ODE solver for the pairs (default: the teacher's own sampler).
         reflow_seed: seed of the pairs' noise; a seed fixes the pairs.
+        num_classes: classes of the labels (linked from a ``conditional: true`` DataModule); 0 = unconditional.
+        label_dropout: probability that a training label is replaced by the null class (classifier-free
+            guidance needs the unconditional branch it trains); used when ``num_classes > 0``.
     """
 
     likelihood = "exact"
@@ -78,9 +91,17 @@ class FlowMatching(GenerativeModel):
                  coupling: str = "independent", sigma: float = 0.0, time_sampling: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, ot_block_size: int | None = 64,
                  pairing_threads: int = 1, teacher_ckpt: str | None = None, reflow_pairs: int = 20_000,
-                 reflow_solver: SolverConfig | dict | None = None, reflow_seed: int = 0):
+                 reflow_solver: SolverConfig | dict | None = None, reflow_seed: int = 0, num_classes: int = 0,
+                 label_dropout: float = 0.1):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
+        num_classes = check_num_classes(num_classes)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}.")
+        if num_classes and coupling == "reflow":
+            raise ValueError("coupling 'reflow' trains on an unconditional teacher's pairs, whose x1 carry no "
+                             "labels; class-conditional flow matching supports coupling 'independent' or 'ot'.")
+        self.num_classes, self.label_dropout = num_classes, label_dropout
         if coupling not in COUPLINGS:
             raise ValueError(f"Unknown coupling '{coupling}'. Choose one of: {', '.join(COUPLINGS)}.")
         if coupling == "reflow" and not teacher_ckpt:
@@ -109,22 +130,28 @@ class FlowMatching(GenerativeModel):
         self.last_log_prob_nfe: int | None = None
         self.velocity = make_time_backbone(self.data_shape, backbone, hidden=hidden, depth=depth,
                                            base_channels=base_channels, channel_mults=channel_mults,
-                                           activation=activation)
+                                           activation=activation, num_classes=num_classes)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """The learned field ``f_theta(x, t)``: ``(B, *data_shape)`` -> same shape."""
-        return self.velocity(x, t)
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """The learned field ``f_theta(x, t[, y])``: ``(B, *data_shape)`` -> same shape (y None: null class)."""
+        return self.velocity(x, t) if y is None else self.velocity(x, t, y)
 
     # ---- training ----
     def regression_loss(self, batch: FlowMatchingBatch) -> Tensor:
-        """``E |f_theta(x_t, t) - (x1 - x0)|^2`` on a prepared batch (all its randomness already drawn)."""
+        """``E |f_theta(x_t, t[, y]) - (x1 - x0)|^2`` on a prepared batch (all its randomness already drawn;
+        only the label dropout of a conditional model draws here, from the global RNG)."""
         xt, target = linear_path(batch.x0, batch.x1, batch.t, self.sigma, batch.path_noise)
-        return (self.velocity(xt, batch.t) - target).pow(2).mean()
+        y = require_labels("FlowMatching", self.num_classes, batch.y, batch.x1.shape[0])
+        if y is None:
+            return (self.velocity(xt, batch.t) - target).pow(2).mean()
+        y = drop_labels(y, self.label_dropout, self.num_classes)
+        return (self.velocity(xt, batch.t, y) - target).pow(2).mean()
 
-    def training_loss(self, x1: Tensor) -> Tensor:
-        """The objective on a data batch ``x1: (B, *data_shape)``, drawing (and pairing) from the global RNG."""
+    def training_loss(self, x1: Tensor, y: Tensor | None = None) -> Tensor:
+        """The objective on a data batch ``x1: (B, *data_shape)`` (labels ``y: (B,)`` for a conditional model),
+        drawing (and pairing) from the global RNG."""
         self._require_reflow_pairs()
-        return self.regression_loss(self.draw_batch(x1))
+        return self.regression_loss(self.draw_batch(x1 if y is None else (x1, y)))
 
     def training_step(self, batch: Tensor | FlowMatchingBatch, batch_idx: int) -> Tensor:
         if not isinstance(batch, FlowMatchingBatch):  # a plain data batch: draw inside the step
@@ -173,27 +200,56 @@ class FlowMatching(GenerativeModel):
                                "without a Trainer.")
 
     # ---- sampling and likelihood ----
+    def guided_field(self, y: Tensor, guidance: float = 1.0):
+        """The classifier-free guided field ``(x, t) -> f(x, t, null) + w (f(x, t, y) - f(x, t, null))`` for
+        fixed labels ``y: (B,)`` (one network call per evaluation)."""
+        return lambda x, t: guided(self.velocity, x, t, y, guidance, self.num_classes)
+
+    def _requested_classes(self, n: int, y: Tensor | None, guidance: float) -> Tensor | None:
+        """Checked labels for a conditional model (uniform classes when ``y`` is None), None otherwise."""
+        if not self.is_conditional:
+            if y is not None or guidance != 1.0:
+                raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0): sample without y and with "
+                                 f"guidance=1.0, or train a conditional model (data.conditional: true).")
+            return None
+        return sampling_labels("FlowMatching", self.num_classes, y, n, self.device)
+
     @torch.no_grad()
-    def sample(self, n: int, solver: SolverConfig | None = None) -> Tensor:
+    def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0,
+               solver: SolverConfig | None = None) -> Tensor:
+        """``n`` samples ``(n, *data_shape)``; a conditional model draws class ``y[i]`` for sample ``i`` (uniform
+        classes when ``y`` is None) with guidance weight ``guidance``."""
+        labels = self._requested_classes(n, y, guidance)
         x0 = torch.randn(n, *self.data_shape, device=self.device)
-        solution = integrate(self.velocity, x0, solver or self.sampler, 0.0, 1.0)
+        field = self.velocity if labels is None else self.guided_field(labels, guidance)
+        solution = integrate(field, x0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
         return solution.states
 
     def sampling_ode(self):
+        """The unconditional sampling ODE (a conditional model's null-class field)."""
         return self.velocity, 0.0, 1.0
 
     @property
     def likelihood_kind(self) -> str:
         return "estimate" if self.likelihood_divergence == "hutchinson" else "exact"
 
-    def log_prob(self, x: Tensor, solver: SolverConfig | None = None) -> Tensor:
-        """``log p(x)`` in nats of the model's ODE, ``(B, *data_shape)`` -> ``(B,)``.
+    def log_prob(self, x: Tensor, y: Tensor | None = None, solver: SolverConfig | None = None) -> Tensor:
+        """``log p(x)`` in nats of the model's ODE, ``(B, *data_shape)`` -> ``(B,)``; with labels ``y: (B,)``
+        the exact ``log p(x | y)`` of the conditional field. Without labels a conditional model scores its
+        null-class (unconditional) field.
 
         Exact trace (``trace_chunk_size`` rows at a time), or Hutchinson's unbiased estimate of it
         (``likelihood_divergence``; :attr:`likelihood_kind` says which).
         """
-        result = ode_log_likelihood(self.velocity, x, solver or self.likelihood_solver,
+        field = self.velocity
+        if y is not None:
+            if not self.is_conditional:
+                raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0); call log_prob(x) "
+                                 f"without labels.")
+            labels = check_labels("FlowMatching", self.num_classes, y, x.shape[0]).to(x.device)
+            field = lambda z, t: self.velocity(z, t, labels)  # noqa: E731
+        result = ode_log_likelihood(field, x, solver or self.likelihood_solver,
                                     divergence=self.likelihood_divergence, chunk_size=self.trace_chunk_size)
         self.last_log_prob_nfe = result.nfe
         return result.log_prob

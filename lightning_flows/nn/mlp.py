@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_flows.nn.class_conditioning import ClassEmbedding
 from lightning_flows.nn.time_embedding import SinusoidalTimeEmbedding, broadcast_time
 
 ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "relu": nn.ReLU}
@@ -17,24 +18,32 @@ def make_activation(name: str) -> nn.Module:
 
 
 class TimeMLP(nn.Module):
-    """``f(x, t)`` with ``x: (B, D)``, ``t`` scalar or ``(B,)`` -> ``(B, D)``.
+    """``f(x, t[, y])`` with ``x: (B, D)``, ``t`` scalar or ``(B,)`` -> ``(B, D)``.
 
     The time embedding is concatenated to the input of every hidden layer, which keeps the field
-    strongly time-dependent even when deep (a single input concat fades with depth).
+    strongly time-dependent even when deep (a single input concat fades with depth). With
+    ``num_classes > 0`` a learned class embedding (index ``num_classes``: the null class, also used when
+    ``y`` is None) is added to it; ``num_classes = 0`` builds exactly the unconditional network.
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 32,
-                 activation: str = "silu", out_dim: int | None = None):
+                 activation: str = "silu", out_dim: int | None = None, num_classes: int = 0):
         super().__init__()
         self.dim = dim
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        if num_classes:
+            self.class_embed = ClassEmbedding(num_classes, time_dim)
         widths = [dim] + [hidden] * depth
         self.hidden = nn.ModuleList(nn.Linear(w + time_dim, hidden) for w in widths[:-1])
         self.act = make_activation(activation)
         self.out = nn.Linear(hidden + time_dim, out_dim or dim)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         emb = self.time_embed(broadcast_time(t, x.shape[0], x))
+        if hasattr(self, "class_embed"):
+            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("this network is unconditional (num_classes=0) and takes no labels.")
         h = x
         for layer in self.hidden:
             h = self.act(layer(torch.cat([h, emb], dim=-1)))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_flows.nn.class_conditioning import ClassEmbedding
 from lightning_flows.nn.time_embedding import SinusoidalTimeEmbedding, broadcast_time
 
 
@@ -43,11 +44,13 @@ class TimeUNet(nn.Module):
         data_shape: ``(C, H, W)`` of one image; ``H`` and ``W`` must be divisible by
             ``2 ** (len(channel_mults) - 1)``.
         base_channels: channels of the first level; level ``i`` has ``base_channels * channel_mults[i]``.
+        num_classes: ``> 0`` adds a learned class embedding to the time embedding, ``f(x, t, y)``; index
+            ``num_classes`` is the null class (also used when ``y`` is None). 0: the unconditional network.
     """
 
     def __init__(self, data_shape: Sequence[int], base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), time_dim: int = 128, dropout: float = 0.0,
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, num_classes: int = 0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(
@@ -60,6 +63,8 @@ class TimeUNet(nn.Module):
             raise ValueError(f"Image size {h}x{w} is not divisible by {factor}; use fewer channel_mults.")
         self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, time_dim),
                                         nn.SiLU(), nn.Linear(time_dim, time_dim))
+        if num_classes:
+            self.class_embed = ClassEmbedding(num_classes, time_dim)
         widths = [base_channels * m for m in channel_mults]
         self.inp = nn.Conv2d(c, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
@@ -82,8 +87,12 @@ class TimeUNet(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(widths[0]), widths[0])
         self.out = nn.Conv2d(widths[0], out_channels or c, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         emb = self.time_embed(broadcast_time(t, x.shape[0], x))
+        if hasattr(self, "class_embed"):
+            emb = emb + self.class_embed(y, x.shape[0], x.device)
+        elif y is not None:
+            raise ValueError("this network is unconditional (num_classes=0) and takes no labels.")
         h = self.inp(x)
         skips = []
         for block, down in zip(self.down_blocks, self.downsample):
