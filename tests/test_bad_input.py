@@ -70,7 +70,8 @@ def test_unknown_model_option_names_the_family_its_options_and_the_closest(tmp_p
     ("gan", r"ConvDecoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
     ("vae", r"ConvEncoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
     ("diffusion", r"TimeUNet needs image data of shape \(C, H, W\).*\(2,\).*backbone: mlp"),
-    ("cnf", r"ConcatConvField needs image data of shape \(C, H, W\), got \(2,\); use field: mlp"),
+    ("cnf", r"preprocess='logit' needs images in \[-1, 1\] of shape \(C, H, W\), got data_shape=\(2,\); use "
+            r"preprocess: none for vector data"),
 ])
 def test_an_image_family_on_2d_data_names_the_vector_architecture(tmp_path, family, message):
     with pytest.raises(SystemExit, match="^error: " + message):

@@ -48,6 +48,10 @@ def preprocessing_layers(preprocess: str, data_shape: tuple[int, ...], alpha: fl
         raise ValueError(f"Unknown preprocess '{preprocess}'. Choose one of: {', '.join(PREPROCESSING)}.")
     if preprocess == "auto":
         preprocess = "logit" if len(data_shape) == 3 else "none"
+    if preprocess == "logit" and len(data_shape) != 3:
+        # Vectors (toy 2D) live on all of R^d: the logit of points outside [-1, 1] is NaN.
+        raise ValueError(f"preprocess='logit' needs images in [-1, 1] of shape (C, H, W), got data_shape="
+                         f"{tuple(data_shape)}; use preprocess: none for vector data.")
     return [LogitPreprocess(alpha)] if preprocess == "logit" else []
 
 

@@ -103,8 +103,9 @@ class ExactFlowModel(GenerativeModel):
         if levels < 1 or steps < 1:
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
         shape = self.data_shape
+        architecture = resolve_architecture(architecture, shape)  # its error first: it names the vector architecture
         layers = preprocessing_layers(preprocess, shape, logit_alpha)
-        if resolve_architecture(architecture, shape) == "mlp":
+        if architecture == "mlp":
             layers += flattened(shape, self._vector_layers(self.dim, steps))
         else:
             layers.append(self._level(shape, levels, steps))
