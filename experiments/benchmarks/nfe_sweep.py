@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # runnable without `pip install -e .`
 
 import torch  # noqa: E402
 
-from lightning_flows.benchmark.environment import describe_device, git_commit, package_versions  # noqa: E402
+from lightning_flows.benchmark.environment import script_environment  # noqa: E402
 from lightning_flows.callbacks import TrainingTimer  # noqa: E402
 from lightning_flows.evaluation import EvaluationSpec, Evaluator, sampling_weights  # noqa: E402
 from lightning_flows.ode import SolverConfig  # noqa: E402
@@ -456,9 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = Path(opts.runs).resolve() if opts.runs else Path("runs") / "nfe_sweep"
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/benchmarks/nfe_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    env = {"device": describe_device() if opts.accelerator != "cpu" else "CPU", "threads": opts.threads,
-           "cpu_count": os.cpu_count(), "versions": package_versions(), "commit": git_commit(ROOT),
-           "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "note": opts.note}
+    env = script_environment(ROOT, opts.accelerator, opts.threads, opts.note)
     say(f"budget: {asdict(budget)}")
     started = time.perf_counter()
     cwd = os.getcwd()

@@ -53,3 +53,13 @@ def describe_device() -> str:
 
 def environment(root: str | Path = ".") -> dict:
     return {"packages": package_versions(), "git_commit": git_commit(root), "hardware": hardware()}
+
+
+def script_environment(root: str | Path, accelerator: str, threads: int, note: str = "") -> dict:
+    """What a measurement script records beside its numbers: device, threads, versions, commit, date, the
+    machine's load when it started (a loaded machine slows every timing) and a free-text note."""
+    import time
+
+    return {"device": describe_device() if accelerator != "cpu" else "CPU", "threads": threads,
+            "cpu_count": os.cpu_count(), "versions": package_versions(), "commit": git_commit(root),
+            "date": time.strftime("%Y-%m-%d"), "load_before": os.getloadavg()[0], "note": note}
