@@ -38,3 +38,12 @@ def run(command: list[str], timeout: float, env: dict[str, str] | None = None, c
         if result.returncode == 0 or not any(s in result.stderr for s in PORT_TAKEN) or attempt:
             return result
     return result
+
+
+def processes_in_group(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still alive (a job and everything it launched)."""
+    try:
+        os.killpg(pgid, 0)  # signal 0: only asks whether any process of the group is left
+    except ProcessLookupError:
+        return False
+    return True

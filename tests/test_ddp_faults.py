@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from subprocess_runs import PORT_TAKEN, ROOT, cli, python_env
+from subprocess_runs import PORT_TAKEN, ROOT, cli, processes_in_group, python_env
 
 TOY = str(ROOT / "experiments/toy2d/flow_matching.yaml")
 SMALL = ["--model.init_args.hidden", "32", "--sample_grid.n", "16", "--trainer.enable_progress_bar", "false",
@@ -28,14 +28,6 @@ SMALL = ["--model.init_args.hidden", "32", "--sample_grid.n", "16", "--trainer.e
 
 def _dirs(root: Path) -> list[str]:
     return ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
-
-
-def _processes_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)  # signal 0: only asks whether any process of the group is left
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.timeout(240)
@@ -50,12 +42,12 @@ def test_an_exception_on_one_rank_ends_the_whole_job_promptly_and_non_zero(tmp_p
                            start_new_session=True)  # its own process group: every rank it launches
     try:
         output, _ = job.communicate(timeout=180)
-        while _processes_in_group(job.pid):
+        while processes_in_group(job.pid):
             assert time.time() - float(marker.read_text()) < 60, "a rank is still running a minute after the failure"
             time.sleep(0.2)
         exited_after = time.time() - float(marker.read_text())
     finally:
-        if _processes_in_group(job.pid):
+        if processes_in_group(job.pid):
             os.killpg(job.pid, 9)
     assert job.returncode != 0
     assert f"injected failure on rank {failing_rank} at step 3" in output

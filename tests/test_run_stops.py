@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from subprocess_runs import ROOT, cli, python_env
+from subprocess_runs import ROOT, cli, processes_in_group, python_env
 
 from lightning_flows.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint, atomic_torch_save
 from lightning_flows.checkpoints import load_model_and_data
@@ -77,14 +77,6 @@ def test_every_cli_run_checkpoints_atomically_with_a_run_checkpoint(tmp_path):
     assert not list((tmp_path / "run").glob("**/*.ckpt"))
 
 
-def _processes_in_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)  # signal 0: only asks whether any process of the group is left
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _start(tmp_path: Path, *extra: str, new_session: bool = False) -> subprocess.Popen:
     marker = tmp_path / "marker"
     command = cli("fit", "--config", TOY, *SMALL, *_dirs(tmp_path), "--trainer.max_steps", "100000",
@@ -128,7 +120,7 @@ def test_sigterm_to_every_rank_of_a_ddp_job_saves_once_and_every_process_exits(t
     assert 5 <= _step_of(last) < 100, output[-3000:]
     assert "Traceback" not in output  # every rank left at the same batch: no collective left unmatched
     deadline = time.monotonic() + 30
-    while _processes_in_group(process.pid):
+    while processes_in_group(process.pid):
         assert time.monotonic() < deadline, "a rank is still running 30 s after the launcher exited"
         time.sleep(0.2)
 
