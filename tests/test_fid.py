@@ -195,3 +195,19 @@ def test_classifier_training_is_deterministic():
     assert state_fingerprint(first) == state_fingerprint(second) and acc1 == acc2
     assert state_fingerprint(first) != state_fingerprint(train_classifier("digits", epochs=1, max_batches=5,
                                                                           log=lambda message: None)[0])
+
+
+def test_classifier_weights_do_not_depend_on_the_callers_thread_count():
+    # The cached classifier defines every digits FID: a machine with more cores (or a benchmark with fewer
+    # --jobs) must train the same weights, and the caller's thread count must come back afterwards.
+    before = torch.get_num_threads()
+    fingerprints = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model, _ = train_classifier("digits", epochs=1, max_batches=8, log=lambda message: None)
+            assert torch.get_num_threads() == threads
+            fingerprints.append(state_fingerprint(model))
+    finally:
+        torch.set_num_threads(before)
+    assert fingerprints[0] == fingerprints[1]
