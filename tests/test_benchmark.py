@@ -159,3 +159,24 @@ def test_gpu_suites_dry_run_on_a_cpu_without_their_data(suite, capsys):
     assert {r["family"] for r in rows} == {"VAE", "GAN", "RealNVP", "Glow", "CNF", "Diffusion", "FlowMatching"}
     printed = capsys.readouterr().out
     assert f"Suite '{suite}'" in printed and "inception vs train" in printed
+
+
+def test_parallel_workers_reproduce_the_suites_own_process(tmp_path, monkeypatch):
+    """--jobs 2: two worker processes, each running one plan after another at one thread, give the numbers a
+    one-thread run in the suite's own process gives (nothing a worker ran before leaks into the next run)."""
+    suite = write_suite(tmp_path, seeds=[0, 1])
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)  # one thread per worker on any machine
+    before = runner.torch.get_num_threads()
+    runner.torch.set_num_threads(1)
+    try:
+        runner.run_suite(suite, tmp_path / "serial", root=ROOT)
+    finally:
+        runner.torch.set_num_threads(before)
+    runner.run_suite(suite, tmp_path / "parallel", root=ROOT, jobs=2)
+    rows = {name: {(r["model"], r["seed"]): r
+                   for r in json.loads((tmp_path / name / "results.json").read_text())["runs"]}
+            for name in ("serial", "parallel")}
+    assert len(rows["parallel"]) == 4 and rows["parallel"].keys() == rows["serial"].keys()
+    for run, serial in rows["serial"].items():
+        for key in ("nll_exact", "energy_distance", "precision", "recall", "mode_kl", "global_step"):
+            assert rows["parallel"][run][key] == serial[key], (run, key)

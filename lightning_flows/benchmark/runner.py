@@ -198,11 +198,14 @@ def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _run_in_worker(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: str, threads: int,
-                   parent: int) -> dict:
-    """``run_one`` in a fresh process with ``threads`` intra-op threads (parallel CPU runs)."""
+def _start_worker(threads: int, parent: int) -> None:
+    """Set up one worker process of a parallel suite: ``threads`` intra-op threads, gone with its parent."""
     _exit_with_parent(parent)
     torch.set_num_threads(threads)
+
+
+def _run_in_worker(plan: RunPlan, suite: Suite, out: Path, extra: list[str], logger: str) -> dict:
+    """``run_one`` in a worker process (parallel CPU runs)."""
     quiet = dataclasses.replace(plan, evaluation=dataclasses.replace(plan.evaluation, progress=False))
     row = run_one(quiet, suite, out, extra + ["--trainer.enable_progress_bar", "false"], logger)
     return {"wall_seconds": row["wall_seconds"], "train_seconds": row["train_seconds"], "weights": row["weights"]}
@@ -210,11 +213,14 @@ def _run_in_worker(plan: RunPlan, suite: Suite, out: Path, extra: list[str], log
 
 def _run_parallel(todo: list[RunPlan], suite: Suite, out: Path, extra: list[str], logger: str, jobs: int,
                   started: float) -> None:
-    """Run ``todo`` ``jobs`` at a time, each in its own process with ``cores // jobs`` threads. Each run is
-    seeded on its own and deterministic at a fixed thread count, so the order of completion changes nothing."""
+    """Run ``todo`` ``jobs`` at a time in ``jobs`` worker processes with ``cores // jobs`` threads each. Each
+    run is seeded on its own and deterministic at a fixed thread count, so neither the order of completion
+    nor which worker ran what before changes a number (a worker runs one plan after another, as ``--jobs 1``
+    does in the suite's own process; a fresh process per run cost ~5 s of imports each)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, os.getpid())) as pool:
         pending = {}
         queue = list(enumerate(todo, 1))
         while queue or pending:
@@ -222,7 +228,7 @@ def _run_parallel(todo: list[RunPlan], suite: Suite, out: Path, extra: list[str]
                 i, plan = queue.pop(0)
                 say(f"[{i}/{len(todo)}] {plan.name}: training {plan.steps} steps at batch {plan.batch_size} "
                     f"({plan.config}, {threads} thread(s))")
-                pending[pool.submit(_run_in_worker, plan, suite, out, extra, logger, threads, os.getpid())] = (i, plan)
+                pending[pool.submit(_run_in_worker, plan, suite, out, extra, logger)] = (i, plan)
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i, plan = pending.pop(future)
