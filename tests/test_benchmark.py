@@ -180,3 +180,22 @@ def test_parallel_workers_reproduce_the_suites_own_process(tmp_path, monkeypatch
     for run, serial in rows["serial"].items():
         for key in ("nll_exact", "energy_distance", "precision", "recall", "mode_kl", "global_step"):
             assert rows["parallel"][run][key] == serial[key], (run, key)
+
+
+def _table_after(text: str, start: str, end: str) -> list[str]:
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    return [line for line in block.splitlines() if line.startswith("|")]
+
+
+def test_readme_quick_table_is_the_committed_snapshots():
+    """The README's headline table is what `make benchmark` wrote into experiments/results/quick/table.md
+    (pasted between markers); a rerun of the snapshot without the README, or the other way round, fails here."""
+    readme = (ROOT / "README.md").read_text()
+    snapshot = (ROOT / "experiments" / "results" / "quick" / "table.md").read_text()
+    pasted = _table_after(readme, "<!-- quick-table:start -->", "<!-- quick-table:end -->")
+    written = _table_after(snapshot, "## The lecture's comparison, measured", "\n## ")
+    assert pasted and pasted == written
+    results = json.loads((ROOT / "experiments" / "results" / "quick" / "results.json").read_text())
+    suite = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT)
+    assert {run.key() for run in suite.runs} == {row["key"] for row in results["runs"]}, \
+        "the snapshot was not produced by the committed quick suite and configs: rerun make benchmark and copy it"
