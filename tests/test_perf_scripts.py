@@ -73,3 +73,33 @@ def test_peers_benchmark_skips_absent_peers_cleanly():
     result = run([sys.executable, str(BENCH / "peers.py"), "--rounds", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped: torchcfm is not installed" in result.stdout
+
+
+def _likelihood_tolerance_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("likelihood_tolerance", BENCH / "likelihood_tolerance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_likelihood_tolerance_table_loosens_the_solver_and_restores_it():
+    import torch
+
+    from lightning_flows.data import GenerativeDataModule
+    from lightning_flows.models import FlowMatching, RealNVP
+
+    torch.manual_seed(0)
+    model = FlowMatching(data_shape=(2,), backbone="mlp", hidden=32, depth=2)
+    datamodule = GenerativeDataModule("8gaussians", n_val=200)
+    before = model.likelihood_solver
+    rows = _likelihood_tolerance_module().tolerance_rows(model, datamodule, [1e-6, 1e-4, 1e-2], max_examples=100,
+                                                         batch_size=50)
+    tight, middle, loose = rows
+    assert loose["nfe"] < middle["nfe"] < tight["nfe"]  # the tolerance reached the solver
+    assert tight["exact_change"] == 0.0 and loose["exact_change"] == loose["exact"] - tight["exact"]
+    assert abs(middle["exact_change"]) < abs(loose["exact_change"])  # a tighter solve is nearer the reference
+    assert model.likelihood_solver == before
+    with pytest.raises(ValueError, match="no ODE likelihood_solver"):
+        _likelihood_tolerance_module().tolerance_rows(RealNVP(data_shape=(2,)), datamodule, [1e-5])
