@@ -94,39 +94,64 @@ def check_output_dirs_writable(config) -> None:
         check_writable(directory, option)
 
 
-# Names Lightning resolves itself (and files on remote storage): nothing to read ahead of it.
-_SYMBOLIC_CKPT_PATHS = ("last", "best", "hpc", "registry")
+def _hpc_checkpoint(config) -> str:
+    """The file Lightning's ``--ckpt_path hpc`` means: the highest ``<default_root_dir>/hpc_ckpt_<n>.ckpt``."""
+    root = Path(config.trainer.default_root_dir or os.getcwd())
+    versions = {int(p.stem[len("hpc_ckpt_"):]): p for p in root.glob("hpc_ckpt_*.ckpt")
+                if p.stem[len("hpc_ckpt_"):].isdigit()}
+    if not versions:
+        raise RunSetupError(f"--ckpt_path hpc: there is no hpc_ckpt_<n>.ckpt (Lightning's SLURM requeue checkpoint) in "
+                            f"{root}. Pass a checkpoint file, or `last` for the newest checkpoint of this experiment.")
+    return str(versions[max(versions)])
 
 
-def check_ckpt_path(config) -> None:
-    """Read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
+def check_ckpt_path(config) -> dict | None:
+    """Resolve and read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
 
-    Lightning's CLI (from 2.5.5) then replaces the config's model options by the checkpoint's (the
-    weights only fit the architecture they were trained with); a warning lists the options that change.
-    (Older versions build the configured model, and loading refuses weights of another configuration.)
+    Every value ends as a local file read by :func:`lightning_flows.checkpoints.read_checkpoint` (``weights_only``,
+    our families only): a path or symlink, a ``file://`` URL (``config.ckpt_path`` becomes its path) and ``hpc``
+    (the file it names) are read here; remote URLs and ``registry:`` names are refused (download them first), and
+    ``best`` too (it only means something inside the process that trained). ``last`` is resolved by the trainer
+    (:class:`~lightning_flows.callbacks.checkpointing.RunCheckpoint` picks among the experiment's checkpoints) and
+    read through :class:`~lightning_flows.callbacks.checkpointing.AtomicCheckpointIO`, the same reader.
+
+    Returns the checkpoint read (``None`` for ``last``). Lightning's CLI (from 2.5.5) then replaces the config's
+    model options by the checkpoint's (the weights only fit the architecture they were trained with); a warning
+    lists the options that change. (Older versions build the configured model, and loading refuses weights of
+    another configuration.)
     """
-    from lightning_flows.checkpoints import CheckpointError, read_checkpoint, resolve_model_class
+    from lightning_flows.checkpoints import (CheckpointError, local_checkpoint_path, read_checkpoint,
+                                             resolve_model_class, saved_options)
 
     path = str(config.ckpt_path)
-    if path in _SYMBOLIC_CKPT_PATHS or path.startswith("registry:") or "://" in path:
-        return
-    checkpoint = read_checkpoint(path)
-    cls = resolve_model_class(checkpoint, path)
+    if path == "last":
+        return None
+    if path == "best":
+        raise RunSetupError("--ckpt_path best means the best checkpoint of a fit run earlier in the same Python "
+                            "process; a command starts a fresh one, so there is none. Pass the checkpoint file "
+                            "(<run dir>/checkpoints/*.ckpt), or `last` for the newest one of this experiment.")
+    if path == "hpc":
+        path = _hpc_checkpoint(config)
+    local = str(local_checkpoint_path(path))
+    config.ckpt_path = local  # what the trainer loads: the file checked here, never a URL
+    checkpoint = read_checkpoint(local)
+    cls = resolve_model_class(checkpoint, local)
     configured = str(config.model.class_path) if config.get("model") is not None else ""
     if configured and configured.rpartition(".")[2] != cls.__name__:
-        raise CheckpointError(f"{path} was written by a {cls.__name__} run, but this run trains "
+        raise CheckpointError(f"{local} was written by a {cls.__name__} run, but this run trains "
                               f"{configured.rpartition('.')[2]}; pass a checkpoint of the same family and config "
                               f"to --ckpt_path, or drop --ckpt_path to start afresh.")
     from lightning.pytorch.cli import LightningCLI
 
     if not hasattr(LightningCLI, "_parse_ckpt_path"):
-        return
-    saved = checkpoint.get("hyper_parameters") or {}
+        return checkpoint
+    saved = saved_options(checkpoint, local)
     init_args = config.model.get("init_args") if configured else None
     given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
     changed = [f"{key}={saved[key]!r} (config: {given[key]!r})" for key in given
                if key in saved and key != "data_shape" and isinstance(given[key], (bool, int, float, str))
                and given[key] != saved[key]]
     if changed:
-        rank_zero_warn(f"--ckpt_path {path}: the checkpoint's model options replace the config's, since its weights "
+        rank_zero_warn(f"--ckpt_path {local}: the checkpoint's model options replace the config's, since its weights "
                        f"need them: {', '.join(changed)}.")
+    return checkpoint

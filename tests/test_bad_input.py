@@ -117,14 +117,12 @@ def test_more_gpus_than_the_machine_has(tmp_path):
 def test_inception_fid_offline_without_weights_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     import urllib.error
 
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
-
     from lightning_flows.metrics.features import InceptionFeatures
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy either
     with pytest.raises(RuntimeError, match=r"Could not download torch-fidelity's Inception-v3 weights.*Offline, "
                                            r"fetch https://\S+\.pth on a connected machine and pass the local "

@@ -85,7 +85,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Atomic local checkpoint writes and safe, checked reads (remote ``scheme://`` paths go to Lightning's).
+    """Atomic local checkpoint writes (remote ``scheme://`` paths: Lightning's writer) and safe, checked reads
+    of local files only (:func:`lightning_flows.checkpoints.read_checkpoint`).
 
     Args:
         model: when set (``RunCheckpoint`` sets it to the model being trained), a checkpoint of another
@@ -102,8 +103,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None, **kwargs) -> dict:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location)
+        # Always our reader (weights_only=True, our families only), whatever `weights_only` the caller passes:
+        # a file:// URL is read as its local file, any other URL is refused (never Lightning's remote loader,
+        # which unpickles URLs with weights_only=False).
         from lightning_flows.checkpoints import read_checkpoint_for
 
         return read_checkpoint_for(path, self.model, map_location=map_location if map_location is not None else "cpu")
