@@ -70,7 +70,9 @@ def local_checkpoint_path(path: str | Path) -> Path:
     return Path(text)
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` (``weights_only=True``, :data:`SAFE_GLOBALS` only); ``mmap``: map the tensors
+    instead of reading them (to look at the step count of many files)."""
     path = local_checkpoint_path(path)
     if path.is_dir():
         found = sorted(path.glob("**/*.ckpt"), key=lambda p: (p.name != "last.ckpt", len(p.parts), str(p)))
@@ -81,7 +83,7 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"Checkpoint {path} does not exist. Runs write them to <run dir>/checkpoints/*.ckpt.")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, not a torch file, or unsafe pickled objects
         raise CheckpointError(
             f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
