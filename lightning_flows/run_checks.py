@@ -58,6 +58,32 @@ def check_devices_exist(accelerator: Any, devices: Any) -> None:
             f"--trainer.accelerator cpu --trainer.devices N.")
 
 
+def check_training_budget(trainer) -> None:
+    """``fit`` must train at least one step: ``max_steps`` / ``max_epochs`` are -1 (no limit), None or >= 1.
+
+    (0 would save an untrained model as the run's result and exit as if all went well; Lightning refuses
+    other negative values only after the run directory exists, with a traceback.)
+    """
+    for option, meaning in (("max_steps", "optimizer steps"), ("max_epochs", "epochs")):
+        value = trainer.get(option)
+        if value is None or value == -1 or (isinstance(value, int) and value >= 1):
+            continue
+        reason = "would train nothing and save an untrained model" if value == 0 else "is not a number of " + meaning
+        raise RunSetupError(f"--trainer.{option} {value} {reason}: pass how many {meaning} to train (>= 1), or -1 "
+                            f"for no limit on {meaning} (the run then stops by the other limits).")
+
+
+def check_batch_sizes(data) -> None:
+    """Every batch size of the DataModule (``--data.batch_size``, ``--data.eval_batch_size``) is >= 1."""
+    if data is None:
+        return
+    for option in ("batch_size", "eval_batch_size"):
+        value = data.get(option) if hasattr(data, "get") else getattr(data, option, None)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise RunSetupError(f"--data.{option} {value}: a batch holds at least one example; pass a batch size "
+                                f">= 1.")
+
+
 def _output_dirs(config) -> list[tuple[str, str]]:
     """(directory, the option that sets it) for everything a run writes."""
     trainer = config.trainer
@@ -74,7 +100,9 @@ def _output_dirs(config) -> list[tuple[str, str]]:
     return [(str(d), option) for d, option in dirs if "://" not in str(d)]  # remote storage: not checked
 
 
-def check_writable(directory: str | Path, option: str) -> None:
+def check_writable(directory: str | Path, option: str,
+                   consequence: str = "this run would lose its checkpoints, logs and samples there",
+                   fix: str | None = None) -> None:
     """Create ``directory`` if needed and write (then remove) a file in it; a clear error if that fails."""
     directory = Path(directory)
     probe = directory / f".lightning_flows_write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
@@ -83,9 +111,8 @@ def check_writable(directory: str | Path, option: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RunSetupError(
-            f"Cannot write to {directory} ({err.strerror or type(err).__name__}); this run would lose its "
-            f"checkpoints, logs and samples there. Pass a writable directory with {option} DIR.") from None
+        raise RunSetupError(f"Cannot write to {directory} ({err.strerror or type(err).__name__}); {consequence}. "
+                            f"{fix or f'Pass a writable directory with {option} DIR.'}") from None
 
 
 def check_output_dirs_writable(config) -> None:

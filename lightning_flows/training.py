@@ -18,14 +18,15 @@ from lightning_flows.callbacks import (DistributedReplicas, EvaluationCallback, 
 from lightning_flows.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from lightning_flows.callbacks.run_directory import RunDirectoryReport
 from lightning_flows.callbacks.progress import IntervalProgressBar
-from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
+from lightning_flows.cli_errors import FlowsArgumentParser, config_file_problem, model_error_of
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import link_data_facts
 from lightning_flows.logger_placement import DEFAULT_LOGGER, place_loggers
 from lightning_flows.models import GenerativeModel
 from lightning_flows.performance import PerformanceOptions
 from lightning_flows.run_checks import (
-    RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
+    RunSetupError, check_batch_sizes, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
+    check_training_budget,
 )
 from lightning_flows.warning_filters import silence_known_noise
 
@@ -93,6 +94,9 @@ class FlowsCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser, args) -> None:
+        problem = config_file_problem(list(sys.argv[1:] if args is None else args))
+        if problem:
+            parser.error(problem)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand in DISPATCHED_BEFORE_PARSING:
@@ -124,6 +128,9 @@ class FlowsCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # Fail before any work: a run must not train for hours and then find it cannot write its results.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            check_training_budget(config.trainer)
+        check_batch_sizes(config.get("data"))
         check_devices_exist(config.trainer.accelerator, config.trainer.devices)
         check_output_dirs_writable(config)
         # Every logger, the config, checkpoints and sample grids in <root>/<name>/<version or id>/.
