@@ -155,6 +155,27 @@ def sample_output_path(out: str | Path, default_name: str) -> Path:
     return out if out.suffix else out.with_name(out.name + ".png")
 
 
+def end_distributed() -> None:
+    """End a DDP run's process group on every rank together, before the interpreter shuts down.
+
+    A ``DistributedDataParallel`` wrapper (and its reducer) sits in reference cycles that keep the process group
+    alive past Lightning's ``destroy_process_group`` at exit; freed during interpreter shutdown, while gloo's threads
+    still run, it kills the process with SIGABRT ("terminate called without an active exception"), now and then.
+    So: collect those cycles, wait for every rank, destroy the group. (Only after a subcommand ended normally on
+    this rank: after a failure the other ranks may never arrive.)
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def non_finite_stop(cli) -> str | None:
     """The non-finite guard's message when it stopped this run (a failure: the exit status must say so)."""
     from lightning_flows.callbacks import NonFiniteGuard
@@ -178,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_flows.benchmark.runner import benchmark_main
 
             benchmark_main(argv[1:])
+            end_distributed()
         else:
             stopped = non_finite_stop(build_cli(argv))
+            end_distributed()
             if stopped:
                 # Training diverged: last.ckpt holds the last good weights, but the run did not finish.
                 raise SystemExit(f"error: {stopped}")
