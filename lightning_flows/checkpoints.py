@@ -66,7 +66,8 @@ def local_checkpoint_path(path: str | Path) -> Path:
         example = "curl -fL -o model.ckpt '<the URL>'" if "://" in text else "the registry's download command"
         raise CheckpointError(f"{text} is not a local file: lightning-flows reads checkpoints only from local disk, "
                               f"where it checks them before anything loads them. Download it yourself ({example}) "
-                              f"and pass the local path, e.g. --ckpt_path model.ckpt.")
+                              f"and pass the local file instead (e.g. --ckpt_path model.ckpt, sample --ckpt "
+                              f"model.ckpt).")
     return Path(text)
 
 

@@ -56,7 +56,7 @@ def requested_grid(model, requested_class: int | None, n: int, per_class: int, g
 
 
 def sample_main(argv: list[str]) -> Path:
-    from lightning_flows.checkpoints import load_model_and_data
+    from lightning_flows.checkpoints import load_model_and_data, local_checkpoint_path
     from lightning_flows.plotting import save_sample_figure
 
     parser = argparse.ArgumentParser(prog="lightning-flows sample",
@@ -82,7 +82,9 @@ def sample_main(argv: list[str]) -> Path:
 
     import torch
 
-    # Every input is checked before the checkpoint is read or anything is written.
+    # Every input is checked before the checkpoint is read or anything is written. A file:// URL is its local
+    # file (also for the default output path beside it); a remote name is refused, naming the fix.
+    opts.ckpt = local_checkpoint_path(opts.ckpt)
     if opts.n < 1 or opts.per_class < 1:
         parser.error("--n and --per-class must be >= 1.")
     if not math.isfinite(opts.guidance):

@@ -177,10 +177,26 @@ def test_a_pickle_payload_never_runs_through_ckpt_path(tmp_path, http_root, subc
     assert not list((tmp_path / "runs").glob("*/version_*/checkpoints/*.ckpt")) or kind == "last"
 
 
+@pytest.mark.parametrize("kind", ["path", "symlink", "file_url", "http"])
+def test_a_pickle_payload_never_runs_through_sample(tmp_path, http_root, kind):
+    marker = tmp_path / "pwned"
+    value, named = _ckpt_path_as(kind, tmp_path, http_root, marker)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--ckpt", value, "--out", str(tmp_path / "x.png")])
+    message = str(info.value.code)
+    assert not marker.exists(), f"sample --ckpt {value} ran the payload"
+    assert message.startswith("error: ") and named in message, message
+    if kind == "http":
+        assert "not a local file" in message and "sample --ckpt model.ckpt" in message
+    else:
+        assert "Could not read checkpoint" in message and "corrupt, truncated or not a lightning-flows" in message
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("value", ["registry:some-model:latest", "s3://bucket/model.ckpt", "file://otherhost/x.ckpt"])
 def test_remote_checkpoints_are_refused_with_the_fix(tmp_path, value):
     expected = (r"^error: " + re.escape(value) + r" is not a local file: lightning-flows reads checkpoints only from "
-                r"local disk.*Download it yourself .* and pass the local path, e.g. --ckpt_path model.ckpt")
+                r"local disk.*Download it yourself .* and pass the local file instead \(e.g. --ckpt_path model.ckpt")
     with pytest.raises(SystemExit, match=expected):
         main(["fit", *_cli_args(tmp_path / "runs"), "--ckpt_path", value])
 
@@ -224,6 +240,15 @@ def test_a_class_path_inside_a_checkpoint_is_never_imported(trained_checkpoint, 
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 3 and resumed["lightning_flows_model_class"].endswith("FlowMatching")
     assert resumed["hyper_parameters"].get("_class_path") != f"{module}.Model"
+
+
+def test_sample_reads_a_file_url_as_its_file_and_writes_beside_its_run(trained_checkpoint, tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.chdir(tmp_path)  # nothing may land in a directory named after the URL ("file:/...") here
+    main(["sample", "--ckpt", trained_checkpoint.as_uri(), "--n", "4"])
+    written = trained_checkpoint.parent.parent / "samples" / "sample_n4_seed0.png"
+    assert written.is_file() and f"wrote 4 samples to {written}" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
 
 
 # ---- weights files handed to torch-fidelity ----
