@@ -51,10 +51,11 @@ def test_gpu_check_dry_run_prints_a_line_per_configuration():
 
 
 @pytest.mark.timeout(600)
-def test_throughput_script_times_a_fit_window():
+def test_throughput_script_times_a_fit_window(tmp_path):
     result = run([sys.executable, str(BENCH / "throughput.py"), "--label", "t", "--config",
                   "experiments/toy2d/flow_matching.yaml", "--steps", "3", "--warmup", "2", "--",
-                  "--trainer.accelerator", "cpu", "--trainer.devices", "1"])
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                  "--trainer.default_root_dir", str(tmp_path)])  # its config.yaml: not in the checkout's runs/
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT t "))
     assert float(line.split("images/s=")[1].split()[0]) > 0 and "steps=3" in line
