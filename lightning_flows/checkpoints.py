@@ -71,6 +71,18 @@ def local_checkpoint_path(path: str | Path) -> Path:
     return Path(text)
 
 
+def load_failure(err: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line. For a file holding pickled objects other
+    than tensors and plain data, that (and the global torch names), instead of torch's first line, which goes on to
+    suggest ``weights_only=False``: the call that would run the file's code."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        named = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        return (f"not unpickled: it holds objects other than tensors and plain data, and unpickling them could "
+                f"run code{'; torch: ' + named[:200].rstrip('.') if named else ''}")
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint at ``path`` (``weights_only=True``, :data:`SAFE_GLOBALS` only); ``mmap``: map the tensors
     instead of reading them (to look at the step count of many files)."""
@@ -87,7 +99,7 @@ def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
             checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, not a torch file, or unsafe pickled objects
         raise CheckpointError(
-            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"Could not read checkpoint {path} ({load_failure(err)}). "
             f"The file is corrupt, truncated or not a lightning-flows checkpoint; use another one from the "
             f"run's checkpoints/ directory."
         ) from err

@@ -118,6 +118,13 @@ def http_root(tmp_path):
         thread.join()
 
 
+def _says_why_not_how_to_unpickle(message: str) -> None:
+    """The refusal names the code it kept from running, and never passes on torch's advice to retry the load
+    with ``weights_only=False`` (the call that runs it)."""
+    assert "could run code; torch: Trying to load unsupported GLOBAL posix.system" in message, message
+    assert "weights_only" not in message, message
+
+
 TOY = "experiments/toy2d/flow_matching.yaml"
 
 
@@ -174,6 +181,7 @@ def test_a_pickle_payload_never_runs_through_ckpt_path(tmp_path, http_root, subc
         assert "not a local file" in message and "Download it yourself" in message
     else:
         assert "Could not read checkpoint" in message and "corrupt, truncated or not a lightning-flows" in message
+        _says_why_not_how_to_unpickle(message)
     assert not list((tmp_path / "runs").glob("*/version_*/checkpoints/*.ckpt")) or kind == "last"
 
 
@@ -190,6 +198,7 @@ def test_a_pickle_payload_never_runs_through_sample(tmp_path, http_root, kind):
         assert "not a local file" in message and "sample --ckpt model.ckpt" in message
     else:
         assert "Could not read checkpoint" in message and "corrupt, truncated or not a lightning-flows" in message
+        _says_why_not_how_to_unpickle(message)
     assert not (tmp_path / "x.png").exists()
 
 
@@ -258,9 +267,10 @@ def test_an_inception_weights_file_holding_a_payload_is_refused(tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "weights-inception.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": _RunsShellOnUnpickle(marker)}, evil)
     with pytest.raises(RuntimeError, match=rf"Could not read Inception weights file {re.escape(str(evil))} as a state "
-                                           rf"dict .*refusing to load it. Pass weights-inception-\S+\.pth"):
+                                           rf"dict .*refusing to load it. Pass weights-inception-\S+\.pth") as info:
         build_feature_extractor("inception", weights_path=evil)
     assert not marker.exists()
+    _says_why_not_how_to_unpickle(str(info.value))
 
 
 def test_a_poisoned_torch_hub_cache_of_the_inception_weights_is_refused(tmp_path, monkeypatch):
@@ -274,6 +284,7 @@ def test_a_poisoned_torch_hub_cache_of_the_inception_weights_is_refused(tmp_path
     marker = tmp_path / "pwned"
     torch.save({"x": _RunsShellOnUnpickle(marker)}, cached)
     with pytest.raises(RuntimeError, match=rf"cached Inception-v3 weights {re.escape(str(cached))} are not a plain "
-                                           rf"state dict .*Delete the file and download it again"):
+                                           rf"state dict .*Delete the file and download it again") as info:
         InceptionFeatures()
     assert not marker.exists()
+    _says_why_not_how_to_unpickle(str(info.value))

@@ -83,8 +83,10 @@ def inception_state_dict(weights_path: str | Path | None = None) -> dict[str, Te
                 f"put it in torch.hub's cache ({Path(torch.hub.get_dir()) / 'checkpoints'}).") from err
         except pickle.UnpicklingError as err:
             cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+            from lightning_flows.checkpoints import load_failure
+
             raise RuntimeError(f"The cached Inception-v3 weights {cached} are not a plain state dict "
-                               f"({str(err).splitlines()[0][:200]}); refusing to load them. Delete the file "
+                               f"({load_failure(err)}); refusing to load them. Delete the file "
                                f"and download it again from {URL_INCEPTION_V3}.") from err
     if not Path(weights_path).is_file():
         raise FileNotFoundError(f"Inception weights file {weights_path} does not exist; pass the path of "
@@ -92,8 +94,10 @@ def inception_state_dict(weights_path: str | Path | None = None) -> dict[str, Te
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, or pickled objects other than tensors
+        from lightning_flows.checkpoints import load_failure
+
         raise RuntimeError(f"Could not read Inception weights file {weights_path} as a state dict "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to load it. Pass "
+                           f"({load_failure(err)}); refusing to load it. Pass "
                            f"{URL_INCEPTION_V3.rsplit('/', 1)[-1]} ({URL_INCEPTION_V3}) as "
                            f"feature_extractor_weights_path.") from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
