@@ -168,37 +168,27 @@ def _ckpt_path_as(kind: str, tmp_path, http_root, marker) -> tuple[str, str]:
     ("fit", "file_url", ["--trainer.enable_checkpointing", "false"]),
     ("fit", "hpc", ["--trainer.enable_checkpointing", "false"]),
     ("validate", "http", []), ("test", "http", []), ("validate", "file_url", []), ("test", "symlink", []),
+    # `sample --ckpt`: the same reader.
+    ("sample", "path", []), ("sample", "symlink", []), ("sample", "file_url", []), ("sample", "http", []),
 ])
 def test_a_pickle_payload_never_runs_through_ckpt_path(tmp_path, http_root, subcommand, kind, extra):
     marker = tmp_path / "pwned"
     value, named = _ckpt_path_as(kind, tmp_path, http_root, marker)
     with pytest.raises(SystemExit) as info:
-        main([subcommand, *_cli_args(tmp_path / "runs", *extra), "--ckpt_path", value])
+        if subcommand == "sample":
+            main(["sample", "--ckpt", value, "--out", str(tmp_path / "x.png")])
+        else:
+            main([subcommand, *_cli_args(tmp_path / "runs", *extra), "--ckpt_path", value])
     message = str(info.value.code)
-    assert not marker.exists(), f"--ckpt_path {value} ran the payload"
+    assert not marker.exists(), f"{subcommand} with checkpoint {value} ran the payload"
     assert message.startswith("error: ") and named in message, message
     if kind == "http":
         assert "not a local file" in message and "Download it yourself" in message
+        assert "pass the local file instead (e.g. --ckpt_path model.ckpt, sample --ckpt model.ckpt)" in message
     else:
         assert "Could not read checkpoint" in message and "corrupt, truncated or not a lightning-flows" in message
         _says_why_not_how_to_unpickle(message)
     assert not list((tmp_path / "runs").glob("*/version_*/checkpoints/*.ckpt")) or kind == "last"
-
-
-@pytest.mark.parametrize("kind", ["path", "symlink", "file_url", "http"])
-def test_a_pickle_payload_never_runs_through_sample(tmp_path, http_root, kind):
-    marker = tmp_path / "pwned"
-    value, named = _ckpt_path_as(kind, tmp_path, http_root, marker)
-    with pytest.raises(SystemExit) as info:
-        main(["sample", "--ckpt", value, "--out", str(tmp_path / "x.png")])
-    message = str(info.value.code)
-    assert not marker.exists(), f"sample --ckpt {value} ran the payload"
-    assert message.startswith("error: ") and named in message, message
-    if kind == "http":
-        assert "not a local file" in message and "sample --ckpt model.ckpt" in message
-    else:
-        assert "Could not read checkpoint" in message and "corrupt, truncated or not a lightning-flows" in message
-        _says_why_not_how_to_unpickle(message)
     assert not (tmp_path / "x.png").exists()
 
 
