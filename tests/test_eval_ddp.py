@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the script form runs without the package installed
     sys.path.insert(0, str(REPO))
 
+from subprocess_runs import run as run_process  # noqa: E402
 from lightning_flows.callbacks import EvaluationCallback  # noqa: E402
 from lightning_flows.data import GenerativeDataModule  # noqa: E402
 from lightning_flows.evaluation import EvaluationSpec  # noqa: E402
@@ -68,7 +69,7 @@ def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
     command = [sys.executable, str(Path(__file__).resolve()), "--devices", "2", "--out", str(root / "ddp"),
                "--classifier", str(classifier), "--cache-dir", str(root / "cache_ddp"), "--model", str(model_path)]
     try:
-        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=360)
+        done = run_process(command, timeout=360, env=env, cwd=root)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"DDP evaluation hung (a collective not reached by every rank?): {err}")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -95,3 +96,6 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=Path, required=True)
     opts = parser.parse_args()
     run_evaluation(opts.devices, opts.out, opts.classifier, opts.cache_dir, opts.model)
+    from lightning_flows.cli import end_distributed
+
+    end_distributed()

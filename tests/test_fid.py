@@ -129,8 +129,7 @@ def test_inception_path_runs_offline_and_gives_a_finite_fid(random_inception_wei
 
 
 def test_inception_without_weights_offline_names_the_fix():
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url",
-                    side_effect=OSError("no network")):
+    with mock.patch("torch.hub.load_state_dict_from_url", side_effect=OSError("no network")):
         with pytest.raises(RuntimeError, match="feature_extractor_weights_path"):
             InceptionFeatures(None)
 
