@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from lightning_flows.benchmark import runner
+from lightning_flows.benchmark.store import Store
 from lightning_flows.benchmark.suite import SuiteError, load_suite
 from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
 
@@ -103,8 +104,9 @@ def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, mo
     monkeypatch.setattr(runner, "run_one", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(suite, out, root=ROOT)
-    finished = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert finished == ["8gaussians__realnvp__seed0.json"]  # the first result was written when it finished
+    finished = sorted(p.name for p in (out / "runs").iterdir() if p.is_symlink())
+    assert finished == ["8gaussians__realnvp__seed0"]  # the first result was committed when it finished
+    assert len(list((out / "runs").iterdir())) == 2  # its link and its attempt: the killed attempt is gone
 
     calls.clear()
     monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
@@ -150,7 +152,7 @@ def test_a_config_edited_while_its_run_trains_is_retrained(tmp_path, monkeypatch
     out = tmp_path / "out"
     runner.run_suite(suite, out, root=ROOT)
     (plan,) = load_suite(suite, ROOT).runs
-    assert runner.finished_result(out, plan) is None  # the edited config has no result yet
+    assert Store(out).finished(plan.slug, plan.key()) is None  # the edited config has no result yet
 
 
 @pytest.mark.parametrize("suite", ["mnist", "cifar10"])
