@@ -201,3 +201,114 @@ def test_readme_quick_table_is_the_committed_snapshots():
     suite = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT)
     assert {run.key() for run in suite.runs} == {row["key"] for row in results["runs"]}, \
         "the snapshot was not produced by the committed quick suite and configs: rerun make benchmark and copy it"
+
+
+# --- issue 19: bad suite files, extra arguments in the key, a failed rerun -----------------------------------
+
+def _dataset(**changes) -> dict:
+    return {"8gaussians": {**TINY["datasets"]["8gaussians"], **changes}}
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    ("name: tiny\nseeds: [0, 1\n", "not valid YAML", "line 3"),
+    ("- just\n- a list\n", "must hold a mapping", "quick.yaml"),
+    (dict(seeds="foo"), "'seeds' must be a non-empty list of distinct whole numbers", "seeds: [0, 1]"),
+    (dict(seeds=[]), "'seeds'", "seeds: [0, 1]"),
+    (dict(datasets=[]), "'datasets' must be a mapping", "datasets: {8gaussians:"),
+    (dict(datasets={}), "'datasets' must be a non-empty mapping", "datasets: {8gaussians:"),
+    (dict(models="realnvp"), "'models' must be a non-empty list", "models: [vae, flow_matching]"),
+    (dict(datasets=_dataset(steps="x")), "'datasets.8gaussians.steps' must be a whole number >= 1", "steps: 600"),
+    (dict(datasets=_dataset(steps=0)), "'datasets.8gaussians.steps' must be a whole number >= 1", "steps: 600"),
+    (dict(datasets=_dataset(steps=-5)), "got -5", "steps: 600"),
+    (dict(datasets=_dataset(steps=1.5)), "optimizer steps", "steps: 600"),
+    (dict(datasets=_dataset(batch_size=0)), "'datasets.8gaussians.batch_size' must be a whole number >= 1",
+     "batch_size: 512"),
+    (dict(trainer=["max_steps", 5]), "'trainer' must be a mapping", "trainer: {limit_val_batches: 0}"),
+    (dict(evaluation={"n_samples": "many"}), "'n_samples' for 8gaussians must be int", "evaluation:"),
+])
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_malformed_suite_stops_with_one_paragraph_before_anything_is_written(tmp_path, capsys, text, key, fix,
+                                                                             dry):
+    """Exit status non-zero, the file, the key and the fix in one message, no traceback, no --out."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text if isinstance(text, str) else yaml.safe_dump({**TINY, **text}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(["--suite", str(suite), "--out", str(out)] + (["--dry-run"] if dry else []))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and str(suite) in message and key in message and fix in message, message
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_extra_fit_arguments_are_part_of_the_key_but_cosmetic_ones_are_not():
+    plan = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT).runs[0]
+    assert plan.with_extra([]).key() == plan.key()  # the committed snapshot's keys stay valid
+    changed = {plan.with_extra(extra).key() for extra in (
+        ["--model.init_args.lr", "1e-9"], ["--model.init_args.lr=1e-9"], ["--trainer.precision", "bf16-mixed"],
+        ["--trainer.devices", "2"], ["--data.batch_size", "7"], ["--trainer.max_steps", "5"])}
+    assert len(changed) == 6 and plan.key() not in changed
+    for cosmetic in (["--trainer.enable_progress_bar", "false"], ["--trainer.enable_model_summary=false"]):
+        assert plan.with_extra(cosmetic).key() == plan.key()
+    assert plan.with_extra(["--trainer.enable_progress_bar", "false", "--model.init_args.lr", "1e-9"]).key() == \
+        plan.with_extra(["--model.init_args.lr", "1e-9"]).key()
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "runs").rglob("*")) if p.is_file()}
+
+
+def test_an_extra_argument_retrains_and_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeypatch):
+    """`--model.init_args.lr 1e-9` is a different run (retrained, replacing the old result when it finishes); a
+    rerun with `--data.batch_size 0` fails, exits non-zero naming the run and the reason, and leaves every byte
+    of the finished run as it was; without the bad argument the finished run is reused again."""
+    suite = write_suite(tmp_path, models=["realnvp"], overrides=[])
+    out = tmp_path / "out"
+    calls = []
+    real_run_one = runner.run_one
+    monkeypatch.setattr(runner, "run_one",
+                        lambda plan, *a, **k: calls.append(plan.extra) or real_run_one(plan, *a, **k))
+    runner.run_suite(suite, out, root=ROOT)
+    first = json.loads((out / "results.json").read_text())["runs"][0]
+
+    runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
+    assert calls == [(), ("--model.init_args.lr", "1e-9")]
+    (slow,) = json.loads((out / "results.json").read_text())["runs"]
+    assert slow["key"] != first["key"] and slow["nll_exact"] != first["nll_exact"]
+    assert slow["extra_arguments"] == ["--model.init_args.lr", "1e-9"]
+    assert "--model.init_args.lr 1e-09" not in slow["command"] and "--model.init_args.lr 1e-9" in slow["command"]
+
+    before = _run_files(out)
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(["--suite", str(suite), "--out", str(out), "--data.batch_size", "0"])
+    message = str(stop.value.code)
+    assert "1 of 1 runs failed" in message and "realnvp/8gaussians/seed0: batch_size must be >= 1" in message
+    assert _run_files(out) == before  # also no attempt directory left behind
+    table = (out / "table.md").read_text()
+    assert "failed: batch_size must be >= 1" in table and "realnvp/8gaussians/seed0" in table
+
+    calls.clear()
+    runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
+    assert calls == [] and _run_files(out) == before
+    assert json.loads((out / "results.json").read_text())["runs"][0]["key"] == slow["key"]
+
+
+def test_a_run_that_stops_short_of_its_budget_is_not_published(tmp_path):
+    """A run that stops early (here --trainer.max_time expires at once; also a NonFiniteGuard stop or a signal)
+    fails instead of publishing numbers of a shorter training."""
+    suite = write_suite(tmp_path, models=["realnvp"], overrides=[])
+    with pytest.raises(runner.RunsFailed, match="training stopped after 0 of 6 optimizer steps"):
+        runner.run_suite(suite, tmp_path / "out", root=ROOT, extra=["--trainer.max_time", "00:00:00:00"])
+    assert not (tmp_path / "out" / "runs" / "8gaussians__realnvp__seed0").exists()
+
+
+def test_the_benchmark_refuses_to_be_told_where_to_put_its_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        runner.benchmark_main(["--out", str(tmp_path / "out"), "--trainer.default_root_dir", "elsewhere"])
+    assert "places every run in <--out>/runs/ itself" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_writes_nothing(tmp_path):
+    runner.dry_run(load_suite(write_suite(tmp_path), ROOT), tmp_path / "out", [])
+    assert not (tmp_path / "out").exists()

@@ -412,7 +412,11 @@ def _run_parallel(todo: list[RunPlan], attempt, jobs: int, report) -> None:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i, plan = pending.pop(future)
-                report(i, future.result(), len(queue) + len(pending))
+                try:
+                    outcome = future.result()
+                except Exception as err:  # the worker died (e.g. killed for memory): its lock died with it
+                    outcome = Outcome(plan.name, "failed", f"its worker process died ({type(err).__name__}: {err})")
+                report(i, outcome, len(queue) + len(pending))
 
 
 # --- the suite -------------------------------------------------------------------------------------------
