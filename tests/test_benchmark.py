@@ -258,39 +258,57 @@ def _run_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "runs").rglob("*")) if p.is_file()}
 
 
-def test_an_extra_argument_retrains_and_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeypatch):
-    """`--model.init_args.lr 1e-9` is a different run (retrained, replacing the old result when it finishes); a
-    rerun with `--data.batch_size 0` fails, exits non-zero naming the run and the reason, and leaves every byte
-    of the finished run as it was; without the bad argument the finished run is reused again."""
-    suite = write_suite(tmp_path, models=["realnvp"], overrides=[])
-    out = tmp_path / "out"
+def _count_runs(monkeypatch) -> list[str]:
     calls = []
     real_run_one = runner.run_one
-    monkeypatch.setattr(runner, "run_one",
-                        lambda plan, *a, **k: calls.append(plan.extra) or real_run_one(plan, *a, **k))
+    monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
+    return calls
+
+
+def test_an_extra_argument_is_another_run_which_replaces_the_result_when_it_finishes(tmp_path, monkeypatch):
+    """`--model.init_args.lr 1e-9` changes the key: the run is retrained (not served the old result) and its
+    result replaces the old one; the same command again reuses it."""
+    suite, out = write_suite(tmp_path, models=["realnvp"], overrides=[]), tmp_path / "out"
+    calls = _count_runs(monkeypatch)
     runner.run_suite(suite, out, root=ROOT)
     first = json.loads((out / "results.json").read_text())["runs"][0]
-
     runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
-    assert calls == [(), ("--model.init_args.lr", "1e-9")]
+    assert calls == ["realnvp/8gaussians/seed0"] * 2
     (slow,) = json.loads((out / "results.json").read_text())["runs"]
     assert slow["key"] != first["key"] and slow["nll_exact"] != first["nll_exact"]
     assert slow["extra_arguments"] == ["--model.init_args.lr", "1e-9"]
-    assert "--model.init_args.lr 1e-09" not in slow["command"] and "--model.init_args.lr 1e-9" in slow["command"]
-
-    before = _run_files(out)
-    with pytest.raises(SystemExit) as stop:
-        runner.benchmark_main(["--suite", str(suite), "--out", str(out), "--data.batch_size", "0"])
-    message = str(stop.value.code)
-    assert "1 of 1 runs failed" in message and "realnvp/8gaussians/seed0: batch_size must be >= 1" in message
-    assert _run_files(out) == before  # also no attempt directory left behind
-    table = (out / "table.md").read_text()
-    assert "failed: batch_size must be >= 1" in table and "realnvp/8gaussians/seed0" in table
-
-    calls.clear()
+    assert "--model.init_args.lr 1e-9" in slow["command"] and "default_root_dir" not in slow["command"]
     runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
-    assert calls == [] and _run_files(out) == before
-    assert json.loads((out / "results.json").read_text())["runs"][0]["key"] == slow["key"]
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bad_rerun", ["extra argument", "suite recipe"])
+def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeypatch, bad_rerun):
+    """A rerun whose settings fail inside the run (batch size 0, a negative learning rate: both only noticed
+    once training starts) exits non-zero naming the run and the reason, and leaves every byte of the finished
+    run as it was (no attempt directory left either); the good settings then reuse it without training."""
+    suite, out = write_suite(tmp_path, models=["realnvp"], overrides=[]), tmp_path / "out"
+    calls = _count_runs(monkeypatch)
+    runner.run_suite(suite, out, root=ROOT)
+    before = _run_files(out)
+    command = ["--suite", str(suite), "--out", str(out)]
+    if bad_rerun == "extra argument":
+        command += ["--data.batch_size", "0"]
+        reason = "batch_size must be >= 1"
+    else:
+        write_suite(tmp_path, models=["realnvp"], overrides=[], recipe={"model.init_args.lr": -1.0})
+        reason = "Invalid learning rate"
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(command)
+    message = str(stop.value.code)
+    assert "1 of 1 runs failed" in message and f"realnvp/8gaussians/seed0: {reason}" in message, message
+    assert _run_files(out) == before
+    assert f"failed: {reason}" in (out / "table.md").read_text()
+
+    write_suite(tmp_path, models=["realnvp"], overrides=[])
+    runner.run_suite(suite, out, root=ROOT)
+    assert len(calls) == 2 and _run_files(out) == before
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
 
 
 def test_a_run_that_stops_short_of_its_budget_is_not_published(tmp_path):
