@@ -179,3 +179,14 @@ def test_an_older_versions_run_directory_is_replaced_only_by_a_finished_attempt(
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([SLUG, attempt.name])
     assert json.loads((store.link(SLUG) / "result.json").read_text())["version"] == "new"
     assert os.readlink(store.link(SLUG)) == attempt.name  # relative: the output directory can move
+
+
+def test_temporary_files_of_a_killed_report_writer_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "samples").mkdir()
+    leftovers = [tmp_path / ".table.123.tmp.md", tmp_path / "samples" / ".8gaussians__vae__seed0.123.tmp.png"]
+    kept = [tmp_path / "table.md", tmp_path / "samples" / "8gaussians__vae__seed0.png"]
+    for path in leftovers + kept:
+        path.write_text("x")
+    with Store(tmp_path).report_lock():
+        Store(tmp_path).remove_report_leftovers()
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)

@@ -519,6 +519,7 @@ def write_suite_report(suite: Suite, plans: list[RunPlan], store: Store, root: s
 
     seen = {o.run: o for o in outcomes}
     with store.report_lock():
+        store.remove_report_leftovers()
         rows, missing = [], {}
         for plan in plans:
             row = store.finished(plan.slug, plan.key())

@@ -9,7 +9,7 @@ Layout of ``<out>/``::
     runs/<slug>.attempt-<id>/     one training attempt: Lightning's files (config.yaml, metrics.csv,
                                   checkpoints/) and, once it finished, samples.pt, samples.png, result.json
     locks/<slug>.lock             held (flock) by the process training that run
-    locks/report.lock             held while the report (table, results.json, figures) is rebuilt
+    locks/report.lock             held while the report (table, results.json, figures, samples/) is rebuilt
 
 Rules that make the directory survive concurrent, failed and killed runs:
 
@@ -55,20 +55,9 @@ def fsync_directory(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``path`` holds either its old contents or all of ``data``, also after a crash (temporary file in the
-    same directory, fsync, ``os.replace``, fsync of the directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    """``path`` holds either its old contents or all of ``data``, also after a crash (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -78,7 +67,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new contents to (by a library that wants a file name, e.g.
-    ``savefig``); it replaces ``path`` atomically when the block ends without an error."""
+    ``savefig``): a file in the same directory, fsynced and renamed over ``path`` (``os.replace``) when the
+    block ends without an error, then the directory is fsynced; a crash leaves the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"  # the suffix tells savefig the format
     try:
@@ -178,6 +168,13 @@ class Store:
         claim = Claim(self, slug, fd)
         claim.remove_leftovers()
         return claim
+
+    def remove_report_leftovers(self) -> None:
+        """Delete the temporary files of report writers that were killed. Call under the exclusive report lock
+        (the report's files are only written under it)."""
+        for directory in (self.out, self.out / "samples"):
+            for tmp in directory.glob(".*.tmp*") if directory.is_dir() else ():
+                tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def report_lock(self, shared: bool = False) -> Iterator[None]:
