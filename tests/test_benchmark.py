@@ -280,6 +280,12 @@ def test_an_extra_argument_is_another_run_which_replaces_the_result_when_it_fini
     assert "--model.init_args.lr 1e-9" in slow["command"] and "default_root_dir" not in slow["command"]
     runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
     assert len(calls) == 2
+    # The report of the suite without the extra argument does not mix that result in: it names it as stale.
+    plain = load_suite(suite, ROOT)
+    table = runner.write_suite_report(plain, plain.runs, Store(out), ROOT, "csv", [])
+    assert "- has a result of other settings (config, arguments or evaluation changed since), not shown: " \
+        "realnvp/8gaussians/seed0" in table.read_text()
+    assert json.loads((out / "results.json").read_text())["runs"] == []
 
 
 @pytest.mark.parametrize("bad_rerun", ["extra argument", "suite recipe"])
