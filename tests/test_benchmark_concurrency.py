@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -133,3 +134,31 @@ def test_ddp_ranks_follow_rank_zero_past_a_run_another_process_holds(tmp_path):
     assert not list((out / "locks").glob("ranks-*"))  # the announcements are gone with the suite
     table = (out / "table.md").read_text()
     assert "realnvp/8gaussians/seed1" in table and "being trained by process" in table
+
+
+@pytest.mark.slow  # ~15 s on a quiet 2-core machine
+def test_sigterm_stops_the_suite_after_the_batch_without_publishing_the_run(tmp_path):
+    """SIGTERM while the first of two runs trains: that run is not published (its attempt is deleted), the
+    second never starts, the report is written and the exit status says the suite stopped."""
+    suite = _suite(tmp_path, models=["realnvp"],
+                   datasets={"8gaussians": {**SUITE["datasets"]["8gaussians"], "steps": 10 ** 7}})
+    out = tmp_path / "out"
+    process = _start(suite, out)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not list((out / "runs").glob("*.attempt-*/metrics.csv")):  # flushed after 100 steps: training
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:  # a suite that ignored the signal would train 10**7 steps
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, output[-3000:]
+    assert "error: stopped: a stop signal (SIGTERM or Ctrl-C) ended the training of realnvp/8gaussians/seed0" \
+        in output, output[-3000:]
+    assert _trained(output) == Counter({"realnvp/8gaussians/seed0": 1})
+    assert not (out / "runs").exists() or not list((out / "runs").iterdir())
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+    assert "stopped: a stop signal" in (out / "table.md").read_text()

@@ -20,7 +20,9 @@ How one suite invocation goes (:func:`run_suite`):
    figures are rebuilt from every finished run of the whole suite whose key matches its plan, whoever trained
    it; the runs without such a result are listed with the reason. Every process rewrites the report when its
    own work is done, so the last one to finish leaves the complete report.
-5. **Exit** non-zero with a summary when a run failed (finished runs are kept).
+5. **Exit** non-zero with a summary when a run failed (finished runs are kept). SIGTERM or Ctrl-C while a run
+   trains stops it after the batch (``RunCheckpoint``) and then the suite: that attempt is deleted, no other
+   run starts, the report is written and the exit status is non-zero.
 
 Concurrent invocations on one ``--out`` (two ``--only`` sets, or the same command on several machines sharing
 the directory) split the work run by run and never train a run twice. Killing the suite loses only the runs in
@@ -47,10 +49,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_flows.benchmark.environment import describe_device, environment
 from lightning_flows.benchmark.store import Holder, Store
 from lightning_flows.benchmark.suite import RunPlan, Suite, SuiteError, load_suite
+from lightning_flows.callbacks.checkpointing import RunCheckpoint
 from lightning_flows.checkpoints import allowed_model_classes
 from lightning_flows.evaluation import Evaluator, sampling_weights
 from lightning_flows.plotting import save_sample_figure
@@ -144,6 +148,17 @@ class IncompleteRun(RuntimeError):
     """Training stopped before the suite's budget: its numbers would not be the suite's."""
 
 
+class SuiteInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped a run's training (saving its last.ckpt): the suite stops too."""
+
+
+def _stopped_by_signal(trainer) -> bool:
+    """SIGTERM or Ctrl-C ended this fit early: RunCheckpoint turns them into a stop after the batch, on every rank
+    alike; Lightning's own handler (before RunCheckpoint's are installed) records a SIGTERM."""
+    return trainer.received_sigterm or any(isinstance(c, RunCheckpoint) and c.stopped_by_signal
+                                           for c in trainer.callbacks)
+
+
 def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | None:
     """Train and evaluate one run with every file in ``run_dir``; on rank zero, write ``samples.pt`` and
     ``samples.png`` there and return the result row (None elsewhere). Nothing is committed here."""
@@ -156,6 +171,9 @@ def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | N
     start = time.perf_counter()
     cli = build_cli(args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    if _stopped_by_signal(trainer):
+        raise SuiteInterrupted(f"a stop signal (SIGTERM or Ctrl-C) ended the training of {plan.name} at step "
+                               f"{trainer.global_step}")
     if trainer.global_step < trainer.max_steps or trainer.interrupted:
         raise IncompleteRun(f"training stopped after {trainer.global_step} of {trainer.max_steps} optimizer steps "
                             f"(see the messages above); a run short of the suite's budget is not published.")
@@ -198,7 +216,9 @@ class Outcome:
     """What became of one run in this invocation."""
 
     run: str  # plan.name
-    status: str  # "trained", "busy" (another process holds it), "finished" (by another process meanwhile), "failed"
+    # "trained", "busy" (another process holds it), "finished" (by another process meanwhile), "failed", or
+    # "stopped" (by SIGTERM or Ctrl-C: the suite stops)
+    status: str
     detail: str = ""  # the holder (busy) or the error (failed)
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -239,6 +259,9 @@ def attempt_run(plan: RunPlan, suite: Suite, store: Store, logger: str, attempt_
             row = run_one(plan, suite, run_dir, logger)
             row["finished_at"] = time.time()
             claim.commit(run_dir, row)
+        except (SuiteInterrupted, SIGTERMException) as err:
+            claim.discard(run_dir)
+            return Outcome(plan.name, "stopped", str(err) or f"SIGTERM while {plan.name} was set up")
         except (Exception, SystemExit) as err:
             claim.discard(run_dir)
             if not isinstance(err, (IncompleteRun, ValueError, SystemExit)):
@@ -416,6 +439,8 @@ def _run_parallel(todo: list[RunPlan], attempt, jobs: int, report) -> None:
                     outcome = future.result()
                 except Exception as err:  # the worker died (e.g. killed for memory): its lock died with it
                     outcome = Outcome(plan.name, "failed", f"its worker process died ({type(err).__name__}: {err})")
+                if outcome.status == "stopped":
+                    queue.clear()  # a signal stopped a worker's run: start no other
                 report(i, outcome, len(queue) + len(pending))
 
 
@@ -430,6 +455,8 @@ def _say_outcome(progress: str, outcome: Outcome, left: int, started: float) -> 
             f"finishes)")
     elif outcome.status == "finished":
         say(f"{progress}{outcome.run}: skipped, {outcome.detail}")
+    elif outcome.status == "stopped":
+        say(f"{progress}{outcome.run}: stopped ({outcome.detail}); its attempt is deleted, no further run starts")
     else:
         say(f"{progress}{outcome.run}: FAILED (its previous result, if any, is kept): {outcome.detail}")
 
@@ -483,6 +510,8 @@ def run_suite(suite_path: str | Path, out_dir: str | Path, only: list[str] | Non
         try:
             for i, plan in enumerate(todo, 1):
                 report(i, attempt(plan, progress=f"[{i}/{len(todo)}] ", announce=announcements), len(todo) - i)
+                if outcomes[-1].status == "stopped":
+                    break
                 if outcomes[-1].status == "failed" and _distributed():
                     say("stopping: under DDP a failed run leaves the other ranks out of step.")
                     break
@@ -495,6 +524,10 @@ def run_suite(suite_path: str | Path, out_dir: str | Path, only: list[str] | Non
     if busy:
         say(f"{len(busy)} run(s) were being trained by other processes ({', '.join(o.run for o in busy)}); "
             f"each process rewrites the report when it finishes, so the last one leaves it complete.")
+    stopped = [o for o in outcomes if o.status == "stopped"]
+    if stopped:
+        raise RunsFailed(f"stopped: {stopped[0].detail}; that attempt was deleted and the finished runs are kept. "
+                         f"Run the same command again to continue.")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         raise RunsFailed(_failure_summary(failed, len(todo)))
@@ -508,7 +541,10 @@ def _follow_rank_zero(announcements: RankZeroAnnouncements, plans: list[RunPlan]
     # external launcher started within minutes of rank zero.
     not_before = time.time() - 600 if announcements.path.name.startswith("ranks-job-") else None
     for slug, run_dir in announcements.follow(not_before):
-        run_one(by_slug[slug], suite, run_dir, logger)
+        try:
+            run_one(by_slug[slug], suite, run_dir, logger)
+        except SuiteInterrupted:
+            return  # every rank stopped at the same batch; rank zero ends the suite
 
 
 def write_suite_report(suite: Suite, plans: list[RunPlan], store: Store, root: str | Path, logger: str,
@@ -529,8 +565,8 @@ def write_suite_report(suite: Suite, plans: list[RunPlan], store: Store, root: s
             outcome = seen.get(plan.name)
             if outcome is not None and outcome.status == "busy":
                 missing[plan.name] = f"being trained by {outcome.detail}"
-            elif outcome is not None and outcome.status == "failed":
-                missing[plan.name] = f"failed: {outcome.detail}"
+            elif outcome is not None and outcome.status in ("failed", "stopped"):
+                missing[plan.name] = f"{outcome.status}: {outcome.detail}"
             elif store.stored(plan.slug) is not None:
                 missing[plan.name] = ("has a result of other settings (config, arguments or evaluation changed "
                                       "since), not shown")
