@@ -225,6 +225,8 @@ def _dataset(**changes) -> dict:
      "batch_size: 512"),
     (dict(trainer=["max_steps", 5]), "'trainer' must be a mapping", "trainer: {limit_val_batches: 0}"),
     (dict(evaluation={"n_samples": "many"}), "'n_samples' for 8gaussians must be int", "evaluation:"),
+    (dict(models=["no_such_model"]), "no config", "fix 'datasets.8gaussians.models' (or 'models')"),
+    (dict(overrides=[{"model": "realnvp", "args": {}}]), "needs a 'reason'", "overrides: [{model: realnvp, reason:"),
 ])
 @pytest.mark.parametrize("dry", [False, True])
 def test_a_malformed_suite_stops_with_one_paragraph_before_anything_is_written(tmp_path, capsys, text, key, fix,

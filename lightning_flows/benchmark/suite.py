@@ -278,13 +278,18 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
         for model in dataset_models:
             config = root / settings["configs"] / f"{model}.yaml"
             if not config.is_file():
-                raise SuiteError(f"{path}: no config {config} for model '{model}' on '{dataset}'.")
+                available = sorted(c.stem for c in (root / settings["configs"]).glob("*.yaml"))
+                raise SuiteError(f"{path}: no config {config} for model '{model}' on '{dataset}'; the models "
+                                 f"there are {', '.join(available) or 'none'}: fix '{where}.models' (or 'models') "
+                                 f"or '{where}.configs'.")
             args: dict[str, object] = {**recipe, **dataset_recipe}
             reasons = []
             for override in overrides:
                 if override.get("model") == model and override.get("dataset", dataset) == dataset:
                     if not override.get("reason"):
-                        raise SuiteError(f"{path}: the override for {model} on {dataset} needs a 'reason'.")
+                        raise SuiteError(f"{path}: the override for {model} on {dataset} needs a 'reason' (why "
+                                         f"this model departs from the suite's recipe; the report prints it), e.g. "
+                                         f"`overrides: [{{model: {model}, reason: ..., args: {{...}}}}]`.")
                     args.update(override.get("args") or {})
                     reasons.append(override["reason"])
             args.update({f"trainer.{k}": v for k, v in trainer.items()})
