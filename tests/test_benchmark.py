@@ -248,7 +248,7 @@ def test_extra_fit_arguments_are_part_of_the_key_but_cosmetic_ones_are_not():
     assert plan.with_extra([]).key() == plan.key()  # the committed snapshot's keys stay valid
     changed = {plan.with_extra(extra).key() for extra in (
         ["--model.init_args.lr", "1e-9"], ["--model.init_args.lr=1e-9"], ["--trainer.precision", "bf16-mixed"],
-        ["--trainer.devices", "2"], ["--data.batch_size", "7"], ["--trainer.max_steps", "5"])}
+        ["--trainer.devices", "2"], ["--trainer.accumulate_grad_batches", "2"], ["--data.num_workers", "1"])}
     assert len(changed) == 6 and plan.key() not in changed
     for cosmetic in (["--trainer.enable_progress_bar", "false"], ["--trainer.enable_model_summary=false"]):
         assert plan.with_extra(cosmetic).key() == plan.key()
@@ -292,8 +292,8 @@ def test_an_extra_argument_is_another_run_which_replaces_the_result_when_it_fini
 
 @pytest.mark.parametrize("bad_rerun", ["extra argument", "suite recipe"])
 def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeypatch, bad_rerun):
-    """A rerun whose settings fail inside the run (batch size 0, a negative learning rate: both only noticed
-    once training starts) exits non-zero naming the run and the reason, and leaves every byte of the finished
+    """A rerun whose settings fail inside the run (a negative learning rate, only noticed once training
+    starts) exits non-zero naming the run and the reason, and leaves every byte of the finished
     run as it was (no attempt directory left either); the good settings then reuse it without training."""
     suite, out = write_suite(tmp_path, models=["realnvp"], overrides=[]), tmp_path / "out"
     calls = _count_runs(monkeypatch)
@@ -301,8 +301,8 @@ def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeyp
     before = _run_files(out)
     command = ["--suite", str(suite), "--out", str(out)]
     if bad_rerun == "extra argument":
-        command += ["--data.batch_size", "0"]
-        reason = "batch_size must be >= 1"
+        command += ["--model.init_args.lr", "-1"]
+        reason = "Invalid learning rate"
     else:
         write_suite(tmp_path, models=["realnvp"], overrides=[], recipe={"model.init_args.lr": -1.0})
         reason = "Invalid learning rate"
@@ -328,10 +328,23 @@ def test_a_run_that_stops_short_of_its_budget_is_not_published(tmp_path):
     assert not (tmp_path / "out" / "runs" / "8gaussians__realnvp__seed0").exists()
 
 
-def test_the_benchmark_refuses_to_be_told_where_to_put_its_runs(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        runner.benchmark_main(["--out", str(tmp_path / "out"), "--trainer.default_root_dir", "elsewhere"])
-    assert "places every run in <--out>/runs/ itself" in capsys.readouterr().err
+@pytest.mark.parametrize("extra, message", [
+    (["--trainer.default_root_dir", "elsewhere"], "places every run in <--out>/runs/ itself"),
+    # Before the fix these trained 0 steps (exit 0, an untrained result published) or rows reported the
+    # suite's batch size for runs trained at another.
+    (["--trainer.max_steps", "0"], "sets every run's dataset and budget"),
+    (["--trainer.max_steps=-5"], "sets every run's dataset and budget"),
+    (["--data.batch_size", "7"], "change them in (a copy of) the suite file"),
+    (["--trainer.max_epochs", "1"], "datasets.<name>.steps and .batch_size in"),
+])
+def test_the_benchmark_refuses_to_be_told_where_to_put_its_runs_or_how_long_to_train(tmp_path, capsys, extra,
+                                                                                     message):
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(["--suite", str(write_suite(tmp_path, models=["realnvp"], overrides=[])),
+                               "--out", str(tmp_path / "out")] + extra)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and extra[0] in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -65,6 +65,9 @@ SAMPLES_KEPT = {"image": 64, "points": 2000}  # per run, for the montage
 SESSION_ENV = "LIGHTNING_FLOWS_BENCHMARK_SESSION"
 # Where each run goes is the benchmark's to decide (run directories are what make it safe, see store.py).
 PLACEMENT_OPTIONS = ("--trainer.default_root_dir", "--trainer.logger")
+# What each run trains on and for how long is the suite's (its rows report plan.dataset, plan.steps and
+# plan.batch_size): an extra argument may not redefine it, or a row would report a budget it did not train.
+BUDGET_OPTIONS = ("--trainer.max_steps", "--trainer.max_epochs", "--data.batch_size", "--data.dataset")
 
 
 class RunsFailed(RuntimeError):
@@ -580,8 +583,9 @@ def benchmark_main(argv: list[str]) -> Path | None:
         prog="lightning-flows benchmark",
         description="Train and evaluate every model of a suite under one budget; write table.md, results.json "
                     "and figures. Arguments after the options (e.g. --trainer.devices 2) go to every fit and are "
-                    "part of each run's key. Several processes may share one --out: each trains the runs no "
-                    "other process holds, and the report lists every finished run of the suite.")
+                    "part of each run's key (the dataset, steps and batch size are the suite file's). Several "
+                    "processes may share one --out: each trains the runs no other process holds, and the report "
+                    "lists every finished run of the suite.")
     parser.add_argument("--suite", default="experiments/suites/quick.yaml", help="suite YAML")
     parser.add_argument("--out", default="outputs/benchmark", help="output directory")
     parser.add_argument("--only", nargs="*", help="train only these models or datasets (the report shows all)")
@@ -601,6 +605,11 @@ def benchmark_main(argv: list[str]) -> Path | None:
     if placed:
         parser.error(f"{' '.join(placed)}: the benchmark places every run in <--out>/runs/ itself (that is what "
                      f"keeps finished runs safe); choose the directory with --out and the logger with --logger.")
+    budget = [a for a in extra if a.split("=", 1)[0] in BUDGET_OPTIONS]
+    if budget:
+        parser.error(f"{' '.join(budget)}: the suite file sets every run's dataset and budget (datasets.<name>.steps "
+                     f"and .batch_size in {opts.suite}), and the table reports them; change them in (a copy of) "
+                     f"the suite file instead.")
     if opts.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {opts.jobs}")
     try:
