@@ -193,6 +193,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._stop_requested_by: str | None = None
         self._stopped_by_signal = False
 
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether the last fit ended early because of SIGTERM or Ctrl-C (the benchmark then stops its suite)."""
+        return self._stopped_by_signal
+
     # ---- atomic, checked checkpoint files for the whole trainer ----
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._dirpath_given:
