@@ -81,9 +81,12 @@ def test_reference_features_are_cached_keyed_and_recomputed_when_stale(tmp_path,
     path = reference_cache_path(tmp_path, digits, "test", classifier_extractor)
     assert path.is_file() and first.shape == (180, 64)
     assert torch.equal(reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu), first)
-    # Another data seed is another split: another key, so the first file is never used for it.
+    # Another data seed has another training split: another key, so one seed's file is never used for the other;
+    # the test split is the same for every data seed, and so is its key.
     other = GenerativeDataModule("digits", seed=1)
-    assert reference_cache_path(tmp_path, other, "test", classifier_extractor) != path
+    assert reference_cache_path(tmp_path, other, "test", classifier_extractor) == path
+    assert (reference_cache_path(tmp_path, other, "train", classifier_extractor)
+            != reference_cache_path(tmp_path, digits, "train", classifier_extractor))
     # A truncated file is recomputed (with a warning), not trusted.
     path.write_bytes(path.read_bytes()[:100])
     with pytest.warns(UserWarning, match="stale or unreadable"):
