@@ -72,7 +72,7 @@ def test_a_ring_scores_clearly_worse_than_the_true_mixture_beside_the_real_vs_re
     assert smeared["mmd_null_std"] == truth["mmd_null_std"] and smeared["energy_distance_null_std"] > 0
 
 
-def test_sampling_noise_is_reported_apart_and_each_run_seed_draws_its_own_samples(gaussians, tmp_path):
+def test_sampling_noise_is_reported_apart_and_each_run_seed_draws_its_own_samples(gaussians, tmp_path, monkeypatch):
     spec = quality_spec(tmp_path, sampling_std_draws=2)
     model = Sampler(true_mixture)
     first = Evaluator(spec).evaluate(model, gaussians, run_seed=0)
@@ -84,6 +84,9 @@ def test_sampling_noise_is_reported_apart_and_each_run_seed_draws_its_own_sample
         assert first[f"{key}_sampling_std"] > 0, key
     fixed = EvaluationSpec(**{**spec.to_dict(), "seed_samples_per_run": False})
     assert Evaluator(fixed).evaluate(model, gaussians, run_seed=1)["mmd"] == first["mmd"]
+    # By default the run's seed is the one seed_everything recorded (the CLI's and the benchmark's runs).
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    assert Evaluator(spec).evaluate(model, gaussians)["mmd"] == other["mmd"]
 
 
 def test_kernel_mmd_and_cross_entropy_gap_basics(gaussians):

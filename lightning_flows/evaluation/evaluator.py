@@ -55,9 +55,10 @@ KEYS = {
     "nll_upper_bound_<kind>": "True when E[nll_<kind>] >= the model's own NLL of the same examples (discrete data: "
                               "the discrete NLL -log P(k), so all such rows bound the same quantity; an exact value "
                               "counts, with equality); False when it may lie below it",
-    "nll_iw_<kind> / bpd_iw_<kind>": "discrete data, continuous densities: -log (1/K) sum_k p(k + u_k) over K = "
-                                     "iw_samples dequantisation draws (draw 0: the fixed evaluation noise), "
-                                     "nats per example / bits per dimension; tightens towards -log P(k) with K",
+    "nll_iw_<kind> / bpd_iw_<kind>": "discrete data, continuous densities (exact, or IWAE; Hutchinson estimates "
+                                     "only with iw_estimates): -log (1/K) sum_k p(k + u_k) over K = iw_samples "
+                                     "dequantisation draws (draw 0: the fixed evaluation noise), nats per example / "
+                                     "bits per dimension; tightens towards -log P(k) with K",
     "likelihood_label_iw_<kind>": "'discrete, IW-K bound' (an exact density or an unbiased density estimate: an "
                                   "upper bound on the discrete NLL), or 'discrete, IW-K estimate (Hutchinson: ...)' "
                                   "(an estimate of that bound, either side of it)",
@@ -188,7 +189,8 @@ class Evaluator:
         kinds = sorted(model.likelihood_estimators())
         traits = {kind: likelihood_traits(model, kind) for kind in kinds}
         discrete = datamodule.is_discrete
-        iw_kinds = tuple(k for k in kinds if traits[k].importance_weightable) if discrete else ()
+        iw_kinds = tuple(k for k in kinds if traits[k].importance_weightable
+                         and (traits[k].unbiased_density or self.spec.iw_estimates)) if discrete else ()
         dequantisation = None
         if iw_kinds and self.spec.iw_samples > 1:
             dequantisation = Dequantisation(getattr(datamodule.splits, split)[:len(data)], datamodule.levels,

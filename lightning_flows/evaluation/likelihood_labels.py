@@ -14,7 +14,9 @@ The same holds when ``p`` itself is only available as an unbiased estimate of th
 ``exp(IWAE_K)`` is an unbiased estimate of ``p(x)``, so the average over both the dequantisation and the latent
 draws is an unbiased estimate of ``P(k)`` and its log a lower bound). It does *not* hold for an unbiased
 estimate of ``log p`` (Hutchinson's trace): the log-mean-exp of such estimates is only an estimate of the IW
-bound, which may land on either side of ``log P(k)``; it is labelled so and not flagged as a bound. Nor for
+bound, which may land on either side of ``log P(k)`` (and in practice lands low: the log-mean-exp favours
+the draws whose probe noise was favourable); it is computed only on request (``EvaluationSpec.iw_estimates``),
+labelled so and not flagged as a bound. Nor for
 a variational bound whose exponential is not an unbiased density estimate (DDPM's ``L``): it is reported at
 ``K = 1`` only, still an upper bound on the discrete NLL in expectation.
 
