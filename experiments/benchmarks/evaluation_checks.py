@@ -6,6 +6,7 @@
     python experiments/benchmarks/evaluation_checks.py hutchinson CKPT   # a CNF: IW-8, exact vs Hutchinson trace
     python experiments/benchmarks/evaluation_checks.py classifier  # fingerprints of the digits classifier per CPU ISA
     python experiments/benchmarks/evaluation_checks.py spread OUT  # quick digits runs in this process's threads/ISA
+    python experiments/benchmarks/evaluation_checks.py toy RESULTS # a benchmark's 8-Gaussian runs: the 2D metrics
 
 * ``floor``: a classifier trained (the shipped recipe) on a random half of the digits training split; the FID of
   500 digits it trained on and of 500 it never saw, each against the 180 test digits (why the floor's images are
@@ -13,10 +14,14 @@
 * ``ring``: the evaluator's 2D metrics and nulls for 2,000 samples of the true mixture and of a ring of the modes'
   radius as wide as one mode (what flow matching's and diffusion's quick-suite samples look like).
 * ``iw``: for checkpoints (e.g. ``outputs/benchmark/runs/digits__*__seed0/checkpoints/last.ckpt``), the likelihood
-  at ``iw_samples`` 1 and 8 with their wall seconds (the cost of the importance-weighted estimate).
+  at ``iw_samples`` 1 and 8 with their wall and CPU seconds at one thread (the cost of the importance-weighted
+  estimate).
 * ``hutchinson``: one CNF checkpoint scored with the exact trace and with Hutchinson's, at K = 1 and 8.
 * ``classifier``: run under ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` to see training depend on the CPU's vector
   instructions (it trains the digits classifier and prints its fingerprint beside the shipped one).
+* ``toy``: from a benchmark's ``results.json`` (default ``outputs/benchmark/results.json``, what ``make benchmark``
+  writes), every 8-Gaussian run's 2D metrics with their distance to the null in null stds, to set beside the
+  montage (which models draw a ring).
 * ``spread``: trains realnvp, vae and gan on digits at the quick budget (seed 0) and evaluates them with the suite's
   spec; run it at other thread counts (``--threads``) or ISAs and compare the JSON files.
 """
@@ -105,23 +110,27 @@ def ring_check() -> dict:
     return out
 
 
-def _likelihood(model, dm, **spec) -> tuple[dict, float]:
+def _likelihood(model, dm, **spec) -> tuple[dict, float, float]:
+    """The bits/dim numbers of one likelihood evaluation, its wall seconds and this process's CPU seconds (all
+    threads; less sensitive than wall time to other jobs on a shared machine)."""
     from lightning_flows.evaluation import EvaluationSpec, Evaluator
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = Evaluator(EvaluationSpec(quality=False, timing=False, progress=False, **spec)).evaluate(model, dm)
-    return {k: v for k, v in result.items() if k.startswith("bpd")}, time.perf_counter() - start
+    return ({k: v for k, v in result.items() if k.startswith("bpd")}, time.perf_counter() - start,
+            time.process_time() - cpu)
 
 
 def iw_check(checkpoints: list[str]) -> dict:
     from lightning_flows.checkpoints import load_model_and_data
 
+    torch.set_num_threads(1)
     out = {}
     for path in checkpoints:
         model, dm = load_model_and_data(path)
         row = {}
         for k in (1, 8):
-            row[f"k{k}"], row[f"seconds_k{k}"] = _likelihood(model, dm, iw_samples=k)
+            row[f"k{k}"], row[f"seconds_k{k}"], row[f"cpu_seconds_k{k}"] = _likelihood(model, dm, iw_samples=k)
         out[path] = row
     return out
 
@@ -134,7 +143,7 @@ def hutchinson_check(checkpoint: str) -> dict:
     for divergence in ("exact", "hutchinson"):
         model.test_divergence = divergence
         for k in (1, 8):
-            out[f"{divergence}_k{k}"], _ = _likelihood(model, dm, iw_samples=k, iw_estimates=True)
+            out[f"{divergence}_k{k}"], _, _ = _likelihood(model, dm, iw_samples=k, iw_estimates=True)
     return out
 
 
@@ -165,10 +174,28 @@ def spread_check(out: Path, threads: int) -> dict:
     return rows
 
 
+def toy_check(results: Path) -> dict:
+    """Per 8-Gaussian run of a benchmark's ``results.json``: the 2D sample-quality metrics, and how many null
+    stds each lies from its real-vs-real null mean."""
+    keys = ("energy_distance", "mmd", "ce_gap_nats", "precision", "recall", "modes_hit", "good_fraction",
+            "nll_gap_exact", "nll_gap_bound")
+    rows = {}
+    for run in json.loads(results.read_text())["runs"]:
+        if run["dataset"] != "8gaussians":
+            continue
+        row = {k: run[k] for k in keys if k in run}
+        for key in ("energy_distance", "mmd", "ce_gap_nats"):
+            if f"{key}_null_std" in run:
+                row[f"{key}_null_sigmas"] = (run[key] - run[f"{key}_null_mean"]) / run[f"{key}_null_std"]
+        rows[f"{run['model']}/seed{run['seed']}"] = row
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=("floor", "ring", "iw", "hutchinson", "classifier", "spread"))
-    parser.add_argument("paths", nargs="*", help="checkpoints (iw, hutchinson) or the output folder (spread)")
+    parser.add_argument("check", choices=("floor", "ring", "iw", "hutchinson", "classifier", "spread", "toy"))
+    parser.add_argument("paths", nargs="*", help="checkpoints (iw, hutchinson), the output folder (spread) or a "
+                                                  "benchmark's results.json (toy)")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args(argv)
     if opts.check == "floor":
@@ -181,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         result = hutchinson_check(opts.paths[0])
     elif opts.check == "classifier":
         result = classifier_check()
+    elif opts.check == "toy":
+        result = toy_check(Path(opts.paths[0] if opts.paths else "outputs/benchmark/results.json"))
     else:
         result = spread_check(Path(opts.paths[0] if opts.paths else "outputs/evaluation_checks"), opts.threads)
     print(json.dumps(result, indent=1))
