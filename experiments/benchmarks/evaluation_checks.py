@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -169,7 +170,8 @@ def spread_check(out: Path, threads: int) -> dict:
         if plan.dataset == "digits" and plan.seed == 0 and plan.model in ("realnvp", "vae", "gan"):
             cli = build_cli(run_arguments(plan, suite, out, ["--trainer.enable_progress_bar", "false"], "csv"))
             with sampling_weights(cli.trainer, cli.model):
-                result = Evaluator(plan.evaluation).evaluate(cli.model, cli.datamodule, run_seed=0)
+                spec = dataclasses.replace(plan.evaluation, progress=False)  # stdout: the JSON alone
+                result = Evaluator(spec).evaluate(cli.model, cli.datamodule, run_seed=0)
             rows[plan.model] = {k: result[k] for k in keys if k in result}
     return rows
 
