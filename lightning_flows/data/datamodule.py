@@ -203,7 +203,7 @@ class GenerativeDataModule(L.LightningDataModule):
 
         directory = self._shard_directory()
         counts = json.loads((directory / "meta.json").read_text())["counts"]
-        parts = {split: read_shard_examples(directory / split) for split in ("val", "test")}
+        parts = {split: read_shard_examples(directory / split, np.arange(counts[split])) for split in ("val", "test")}
         subset = np.unique(np.linspace(0, counts["train"] - 1, min(counts["train"], max(counts["test"], 1))
                                        ).round().astype(np.int64))
         parts["train"] = read_shard_examples(directory / "train", subset)

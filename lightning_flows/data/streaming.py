@@ -7,7 +7,8 @@ hashes every example's content digest, its split and the preprocessing, so a sec
 same splits, or every rank of a DDP job reuses the shards, and changed data gets new ones. The shards are built
 once under a file lock into a temporary directory and renamed into place (:func:`lightning_flows.data.cache.
 build_once`): concurrent first runs never see or leave half a cache. Chunks hold a fixed number of examples
-(about :data:`CHUNK_BYTES`), so the shards, and with them the data order, are the same on every machine.
+(about :data:`CHUNK_BYTES`; fewer, so that there are :data:`MIN_CHUNKS`, for a small split), so the shards,
+and with them the data order, are the same on every machine.
 
 **Streaming.** :class:`StreamedBatches` iterates litdata's ``StreamingDataLoader``: each rank and each loader
 worker reads its own chunks (litdata's sharding; every rank gets the same number of batches), the chunk order
@@ -38,6 +39,9 @@ from lightning_flows.data.splits import SPLIT_NAMES
 from lightning_flows.metrics.distributed import rank_and_world
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB of examples per chunk file
+# ...and at least this many chunks per split: litdata deals whole chunks to the ranks (and workers), reshuffled
+# every epoch, so a small split in one chunk would give every rank the same half of it in every epoch.
+MIN_CHUNKS = 64
 SHARD_FORMAT = 1  # bump when the shard layout changes
 NO_LABEL = -1
 
@@ -56,7 +60,7 @@ def shard_key(source, catalogue: Catalogue) -> str:
     arrays = (catalogue.digests, catalogue.codes, catalogue.order, catalogue.labels)
     return content_key({"source": type(source).__name__, "preprocessing": source.preprocessing(),
                         "catalogue": [None if a is None else hashlib.sha256(a.tobytes()).hexdigest() for a in arrays],
-                        "format": SHARD_FORMAT, "chunk_bytes": CHUNK_BYTES})
+                        "format": SHARD_FORMAT, "chunk_bytes": CHUNK_BYTES, "min_chunks": MIN_CHUNKS})
 
 
 def _write_split(source, catalogue: Catalogue, split: str, directory: Path) -> int:
@@ -65,7 +69,8 @@ def _write_split(source, catalogue: Catalogue, split: str, directory: Path) -> i
     _litdata()
     positions = catalogue.positions(split)
     example_bytes = int(np.prod(source.info.shape))
-    writer = BinaryWriter(str(directory), chunk_size=max(1, CHUNK_BYTES // example_bytes))
+    per_chunk = max(1, min(CHUNK_BYTES // example_bytes, -(-len(positions) // MIN_CHUNKS)))
+    writer = BinaryWriter(str(directory), chunk_size=per_chunk)
     for start in range(0, len(positions), READ_BLOCK):
         block = positions[start:start + READ_BLOCK]
         examples = source.read(block)
@@ -95,12 +100,12 @@ def ensure_shards(source, catalogue: Catalogue, cache_dir: str | None) -> Path:
     return build_once(root, build)
 
 
-def read_shard_examples(directory: Path, positions: np.ndarray | None = None) -> tuple[Tensor, Tensor]:
-    """Examples of one split's shards, in their stored order (all, or those at sorted ``positions``):
-    ``(n, C, H, W)`` uint8 and their labels ``(n,)`` int64 (``-1``: unlabelled)."""
+def read_shard_examples(directory: Path, positions: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The examples at (sorted) ``positions`` of one split's shards, the same on every rank: ``(n, C, H, W)``
+    uint8 and their labels ``(n,)`` int64 (``-1``: unlabelled). (An integer index is global in litdata, while
+    the dataset's ``len`` under DDP is one rank's share.)"""
     litdata = _litdata()
     dataset = litdata.StreamingDataset(str(directory), shuffle=False)
-    positions = np.arange(len(dataset)) if positions is None else positions
     items = [dataset[int(i)] for i in positions]
     if not items:
         return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
