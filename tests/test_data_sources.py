@@ -59,7 +59,7 @@ def test_a_flat_folder_is_unlabelled_and_grey_images_give_one_channel(tmp_path, 
     assert dm.data_shape == (1, 12, 12) and dm.num_classes == 0
     with pytest.raises(ValueError, match="needs class labels"):
         GenerativeDataModule(str(root), cache_dir=cache, conditional=True)
-    assert GenerativeDataModule(str(root), cache_dir=cache, channels=3).data_shape == (3, 12, 12)
+    assert GenerativeDataModule(str(root), cache_dir=cache, image_channels=3).data_shape == (3, 12, 12)
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -103,7 +103,7 @@ def test_image_size_resizes_mixed_sizes_and_channels_converts(tmp_path, cache):
     save_image(np.full((30, 18, 3), 200, np.uint8), root / "c.jpg")
     with pytest.raises(DataSourceError, match=r"3 sizes: 12x12.*--data.image_size N"):
         GenerativeDataModule(str(root), cache_dir=cache)
-    dm = _module(root, cache, image_size=8, channels=1, test_fraction=0.5, val_fraction=0.0)
+    dm = _module(root, cache, image_size=8, image_channels=1, test_fraction=0.5, val_fraction=0.0)
     assert dm.data_shape == (1, 8, 8)
     rows = torch.cat([dm.splits.train, dm.splits.test])
     assert rows.shape == (3, 1, 8, 8)
@@ -192,7 +192,7 @@ def test_a_corrupt_image_is_named(tmp_path, cache):
     # A file whose header reads but whose pixels are cut off is named when decoded.
     whole = (root / "cat" / "0001.png").read_bytes()
     (root / "dog" / "0003.png").write_bytes(whole[: len(whole) // 2])
-    assert "dog/0003.png cannot be decoded" in _error(root, cache, image_size=8, channels=3)
+    assert "dog/0003.png cannot be decoded" in _error(root, cache, image_size=8, image_channels=3)
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -214,7 +214,7 @@ def test_not_a_zip_and_bad_options(tmp_path, cache):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     assert "not a readable .npz" in _error(tmp_path / "broken.npz", cache)
     npz = make_npz(tmp_path / "ok.npz")
-    assert "--data.channels must be 1 or 3" in _error(npz, cache, channels=2)
+    assert "--data.image_channels must be 1 or 3" in _error(npz, cache, image_channels=2)
     assert "val_fraction + test_fraction < 1" in _error(npz, cache, val_fraction=0.5, test_fraction=0.5)
     assert "apply to folders" in _error("digits", cache, image_size=16)
 

@@ -166,7 +166,7 @@ def derived_info(stored_shape: tuple[int, int, int], options: SourceOptions, num
                  ) -> DatasetInfo:
     """The served facts of stored ``(C, H, W)`` examples after ``options.channels`` / ``options.image_size``."""
     if options.channels not in (None, 1, 3):
-        raise DataSourceError(f"--data.channels must be 1 or 3, got {options.channels}.")
+        raise DataSourceError(f"--data.image_channels must be 1 or 3, got {options.channels}.")
     if options.image_size is not None and options.image_size < 1:
         raise DataSourceError(f"--data.image_size must be a positive number of pixels, got {options.image_size}.")
     channels = options.channels or stored_shape[0]

@@ -53,7 +53,9 @@ class GenerativeDataModule(L.LightningDataModule):
             class-conditional models (the CLI links :attr:`num_classes` into them); labelled datasets only.
         image_size: folders and ``.npz`` files: serve ``image_size x image_size`` images (shorter side scaled,
             centre crop; filter in :mod:`lightning_flows.data.images`). Default: the images' own (common) size.
-        channels: folders and ``.npz`` files: 1 (grey) or 3 (colour). Default: the data's own.
+        image_channels: folders and ``.npz`` files: 1 (grey) or 3 (colour). Default: the data's own. (Not
+            ``channels``: Lightning merges the DataModule's hyperparameters with the model's, and the CNF has a
+            ``channels`` of its own.)
         val_fraction, test_fraction: folders and ``.npz`` files: the expected share of the val and test splits,
             drawn from each example's content (:mod:`lightning_flows.data.splits`; test the same for every seed).
         splits: folders and ``.npz`` files: a split manifest (``data_splits.csv`` of an earlier run) whose
@@ -67,17 +69,18 @@ class GenerativeDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: str = "digits", batch_size: int = 128, eval_batch_size: int | None = None,
                  data_dir: str = "data", download: bool = False, seed: int = 0, n_val: int = 5_000,
-                 conditional: bool = False, image_size: int | None = None, channels: int | None = None,
+                 conditional: bool = False, image_size: int | None = None, image_channels: int | None = None,
                  val_fraction: float = 0.05, test_fraction: float = 0.1, splits: str | None = None,
                  streaming: bool = False, num_workers: int = 0, cache_dir: str | None = None):
         super().__init__()
         check_fractions(val_fraction, test_fraction)
-        self.source_options = SourceOptions(image_size=image_size, channels=channels, data_dir=data_dir,
+        self.source_options = SourceOptions(image_size=image_size, channels=image_channels, data_dir=data_dir,
                                             download=download, n_val=n_val, val_fraction=val_fraction,
                                             test_fraction=test_fraction, splits=splits, cache_dir=cache_dir)
-        if is_registered(dataset) and any(v is not None for v in (image_size, channels, splits)):
+        if is_registered(dataset) and any(v is not None for v in (image_size, image_channels, splits)):
             raise ValueError(f"'{dataset}' is a registered dataset with its own size and splits; --data.image_size, "
-                             f"--data.channels and --data.splits apply to folders, .npz files and named downloads.")
+                             f"--data.image_channels and --data.splits apply to folders, .npz files and named "
+                             f"downloads.")
         # Reads the facts (a folder's image headers, an array file's header) and fails fast on bad input.
         self.source = open_source(dataset, self.source_options)
         self.info = self.source.info

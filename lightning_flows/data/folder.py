@@ -65,7 +65,7 @@ class FolderSource(ImageSource):
         super().__init__(dataset, options)
         self.root = Path(dataset).expanduser()
         if options.channels not in (None, 1, 3):
-            raise DataSourceError(f"--data.channels must be 1 or 3, got {options.channels}.")
+            raise DataSourceError(f"--data.image_channels must be 1 or 3, got {options.channels}.")
         if options.image_size is not None and options.image_size < 1:
             raise DataSourceError(f"--data.image_size must be a positive number of pixels, got {options.image_size}.")
         self.files, self.class_names = list_images(self.root)

@@ -40,8 +40,9 @@ CELEBA_SPLITS = {"0": "train", "1": "val", "2": "test"}  # list_eval_partition.t
 
 def _fixed_size(name: str, options: SourceOptions, size: int) -> None:
     if options.image_size not in (None, size) or options.channels not in (None, 3):
-        raise DataSourceError(f"{name} is {size}x{size} colour; drop --data.image_size / --data.channels, or pass "
-                              f"the images as a folder (--data.dataset PATH --data.image_size N) for another size.")
+        raise DataSourceError(f"{name} is {size}x{size} colour; drop --data.image_size / --data.image_channels, or "
+                              f"pass the images as a folder (--data.dataset PATH --data.image_size N) for another "
+                              f"size.")
 
 
 class CelebA64(ImageSource):

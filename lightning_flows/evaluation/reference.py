@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_flows.data.cache import slug
 from lightning_flows.metrics.distributed import all_ranks_agree, barrier, gather_objects
 from lightning_flows.metrics.features import build_feature_extractor
 
@@ -37,7 +38,8 @@ def split_fingerprint(datamodule, split: str) -> str:
     """A hash of the raw contents of ``split`` (so the data seed and split sizes are part of it)."""
     datamodule.setup()
     raw = getattr(datamodule.splits, split)
-    digest = hashlib.sha256(f"{datamodule.dataset}|{split}|{tuple(raw.shape)}|{raw.dtype}".encode())
+    # A path's last part (slug): a folder's reference features follow its content, not where it lies.
+    digest = hashlib.sha256(f"{slug(datamodule.dataset)}|{split}|{tuple(raw.shape)}|{raw.dtype}".encode())
     digest.update(raw.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -69,7 +71,7 @@ def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.d
 
 def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:
     data_hash = split_fingerprint(datamodule, split)
-    key = f"{datamodule.dataset}_{split}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
+    key = f"{slug(datamodule.dataset)}_{split}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
     return Path(cache_dir) / "reference_features" / f"{key}_v{CACHE_VERSION}.pt"
 
 
