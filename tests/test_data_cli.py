@@ -17,6 +17,7 @@ from user_data import make_folder, make_npz
 from lightning_flows.checkpoints import load_model_and_data
 from lightning_flows.cli import main
 from lightning_flows.metrics.classifier import FeatureClassifier, save_classifier
+from test_fid import random_inception_weights  # noqa: F401  (a fixture: Inception at random init, offline)
 
 FAMILIES = ["vae", "gan", "realnvp", "glow", "nsf", "cnf", "diffusion", "flow_matching"]
 # Kept in the default run (the rest: make test-slow): the multi-scale flow on the folder, a UNet family on the npz.
@@ -28,8 +29,8 @@ TINY = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--train
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("user_data")
-    return {"folder": make_folder(root / "pets", per_class=100, size=10), "npz": make_npz(root / "a.npz", n=200, size=8),
-            "cache": root / "cache"}
+    return {"folder": make_folder(root / "pets", per_class=100, size=10),
+            "npz": make_npz(root / "a.npz", n=200, size=8), "cache": root / "cache"}
 
 
 def _fit(config: str, root: Path, dataset: Path, cache: Path, *extra: str) -> Path:
@@ -81,7 +82,8 @@ def test_test_reports_bits_per_dim_and_fid_on_a_folder_and_a_conditional_model_t
 
 
 @pytest.mark.slow
-def test_inception_fid_on_a_folder(tmp_path, data, random_inception_weights):
+def test_inception_fid_on_a_folder(tmp_path, data, request):
+    weights = request.getfixturevalue("random_inception_weights")  # test_fid's offline stand-in weights
     checkpoint = _fit("experiments/digits/glow.yaml", tmp_path, data["folder"], data["cache"],
                       "--model.init_args.steps", "1", "--model.init_args.hidden", "16")
     main(["test", "--config", "experiments/digits/glow.yaml", "--ckpt_path", str(checkpoint),
@@ -89,12 +91,10 @@ def test_inception_fid_on_a_folder(tmp_path, data, random_inception_weights):
                           "--data.cache_dir", str(data["cache"]), "--evaluation.spec.n_samples", "10",
                           "--evaluation.spec.sample_batch_size", "10", "--evaluation.spec.kid_subsets", "5",
                           "--evaluation.spec.feature_extractor", "inception",
-                          "--evaluation.spec.feature_extractor_weights_path", str(random_inception_weights),
+                          "--evaluation.spec.feature_extractor_weights_path", str(weights),
                           "--evaluation.spec.cache_dir", str(tmp_path / "eval_cache"),
                           "--evaluation.spec.progress", "false")])
     (log,) = (tmp_path / "test").glob("**/metrics.csv")
     row = {k: v for r in csv.DictReader(log.open()) for k, v in r.items() if v}
     assert math.isfinite(float(row["test/fid_inception_test_n10"])) and math.isfinite(float(row["test/bpd_exact"]))
 
-
-from test_fid import random_inception_weights  # noqa: E402,F401  (the offline stand-in weights, a fixture)
