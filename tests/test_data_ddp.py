@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from subprocess_runs import ROOT, cli, python_env, run
 from user_data import make_folder, make_npz
 
 from lightning_flows.data import GenerativeDataModule
@@ -130,3 +133,55 @@ def test_two_ranks_serve_each_example_once_per_epoch_and_resume_the_same_order(d
     assert sorted(order) == list(range(len(reference.splits.test)))
     assert torch.equal(torch.cat([r["test"][1] for r in ranks]), reference.split_labels("test")[order])
 
+
+
+# ---- the whole path: `lightning-flows fit` streaming a folder on 2 ranks, killed mid-epoch, resumed ----
+def _ddp_fit_args(root: Path, folder: Path, cache: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(ROOT / "experiments/digits/flow_matching.yaml"),
+            "--model.init_args.backbone", "mlp", "--model.init_args.hidden", "32", "--model.init_args.depth", "2",
+            "--model.init_args.sampler.steps", "2", "--data.dataset", str(folder), "--data.image_size", "8",
+            "--data.streaming", "true", "--data.num_workers", "1", "--data.cache_dir", str(cache),
+            "--data.batch_size", "8", "--trainer.max_steps", "14", "--checkpoint.every_n_train_steps", "3",
+            "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root), "--sample_grid.n", "4", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_streamed_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    folder, cache = make_folder(tmp_path / "pets", 100, size=10), tmp_path / "cache"
+    straight = run(cli(*_ddp_fit_args(tmp_path / "straight", folder, cache)), timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed, marker = tmp_path / "killed", tmp_path / "at_kill_step"
+    job = subprocess.Popen(cli(*_ddp_fit_args(killed, folder, cache, "--trainer.callbacks+=fault_injection.PauseAtStep",
+                                              "--trainer.callbacks.step", "8", "--trainer.callbacks.marker",
+                                              str(marker))),
+                           env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # its own process group: both ranks and their loader workers
+    deadline = time.monotonic() + 400
+    while not marker.exists():
+        if job.poll() is not None or time.monotonic() > deadline:
+            os.killpg(job.pid, 9)
+            pytest.fail(job.communicate()[0][-3000:])
+        time.sleep(0.1)
+    os.killpg(job.pid, 9)  # SIGKILL to every rank: nothing is saved on the way out
+    job.wait()
+    (last,) = killed.glob("*/version_0/checkpoints/last.ckpt")
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 6
+    (loader_state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert 0 < loader_state["position"] < 10 and "stream" in loader_state  # mid-epoch, litdata's state inside
+
+    resumed = run(cli(*_ddp_fit_args(killed, folder, cache, "--ckpt_path", "last")), timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a,) = (tmp_path / "straight").glob("*/version_0/checkpoints/last.ckpt")
+    (b,) = killed.glob("*/version_1/checkpoints/last.ckpt")
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    assert a["global_step"] == b["global_step"] == 14
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, atol=1e-6, rtol=0, msg=key)
+    assert a["loops"]["fit_loop"]["state_dict"]["combined_loader"] == \
+        b["loops"]["fit_loop"]["state_dict"]["combined_loader"]

@@ -4,6 +4,7 @@ per-epoch shuffle and exact mid-epoch resume; val and test are the in-memory one
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
 from pathlib import Path
@@ -125,7 +126,11 @@ def test_a_streamed_loader_resumes_exactly_mid_epoch_and_at_its_end(cache, folde
     del iterator
     resumed = loader()
     resumed.load_state_dict(state)
-    after = [batch for _ in range(3) for batch in resumed][: len(straight) - stop_after]
+    # As Lightning does: the rest of the interrupted epoch, stopping at its last batch without asking for more,
+    # then the following epochs.
+    rest = len(resumed) - stop_after % len(resumed) if stop_after % len(resumed) else 0
+    after = list(itertools.islice(iter(resumed), rest))
+    after += [batch for _ in range(3) for batch in resumed][: len(straight) - stop_after - rest]
     assert len(before) + len(after) == len(straight)
     for (x, y), (x0, y0) in zip(before + after, straight):
         assert torch.equal(x, x0) and torch.equal(y, y0)

@@ -158,6 +158,10 @@ class StreamedBatches:
         if self._resume_at is not None:
             epoch, skip = self._resume_at
             self._resume_at = None
+        else:
+            # litdata keeps replaying a restored epoch until one runs to its end; Lightning stops a resumed epoch
+            # after its remaining batches without asking for the end, so the next epoch must start afresh here.
+            self.loader.restore = False
         generator = epoch_generator(self.seed, epoch, rank)
         placeholder = torch.zeros(self.batch_size, *self.example_shape, dtype=torch.uint8)
         for _ in range(skip):  # the noise of the batches trained before the stop: draw it again, discard it
