@@ -5,6 +5,7 @@ continues the same order on every rank."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -75,7 +76,8 @@ def _serve(rank: int, dataset: str, cache: str, streaming: bool, out: str) -> No
     del iterator
     resumed = _module(dataset, cache, streaming).train_dataloader()
     resumed.load_state_dict(state[0])
-    after = [batch for _ in range(2) for batch in resumed][: len(straight) - STOP_AFTER]
+    # As Lightning does: the interrupted epoch's remaining batches (not asking past its end), then the next epoch.
+    after = list(itertools.islice(iter(resumed), len(resumed) - STOP_AFTER)) + list(resumed)
     continued = [(_levels(dm, x), y) for x, y in before + after]
     test = list(dm.test_dataloader())
     torch.save({"batches": len(loader), "straight": straight, "continued": continued,
