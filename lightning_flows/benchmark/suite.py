@@ -4,7 +4,7 @@ them, seeds, and the evaluation settings. Loaded from YAML (``experiments/suites
     name: quick
     seeds: [0, 1]
     models: [vae, gan, realnvp, glow, cnf, diffusion, flow_matching]   # experiments/<configs>/<model>.yaml
-    datasets:
+    datasets:   # a registered or named dataset, or the path of a folder of images / an .npz file
       8gaussians: {configs: experiments/toy2d, steps: 2000, batch_size: 512}
       digits: {configs: experiments/digits, steps: 1000, batch_size: 128, evaluation: {n_samples: 1000}}
       # also per dataset: recipe (merged over the suite's), models (a subset), data (DataModule arguments)
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.cache import slug
 from lightning_flows.evaluation import EvaluationSpec
 
 SUITE_KEYS = {"name", "description", "seeds", "models", "datasets", "recipe", "overrides", "evaluation", "trainer",
@@ -38,6 +40,15 @@ DATASET_KEYS = {"configs", "steps", "batch_size", "evaluation", "recipe", "model
 
 # Evaluation settings that cannot change a number (so they are not part of a run's key).
 COSMETIC_SETTINGS = ("progress", "cache_dir")
+
+
+def run_slug(dataset: str, model: str, seed: int) -> str:
+    """A run's file name: a dataset given as a path (``datasets: {/data/pets: ...}``) is named by its last part and
+    a hash of the whole path, so paths never nest directories and two folders of one name never collide."""
+    name = slug(dataset)
+    if name != dataset:
+        name = f"{name}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
+    return f"{name}__{model}__seed{seed}"
 
 
 class SuiteError(ValueError):
@@ -64,7 +75,7 @@ class RunPlan:
 
     @property
     def slug(self) -> str:
-        return f"{self.dataset}__{self.model}__seed{self.seed}"
+        return run_slug(self.dataset, self.model, self.seed)
 
     def fit_args(self, extra: dict[str, object] | None = None) -> list[str]:
         """The ``lightning-flows fit`` arguments of this run."""
@@ -91,6 +102,11 @@ class Suite:
     runs: list[RunPlan]
     description: str = ""
     expected_wall_time: dict = field(default_factory=dict)
+    data: dict[str, dict] = field(default_factory=dict)  # dataset -> its `data:` DataModule arguments
+
+    def datamodule(self, dataset: str, **kwargs) -> GenerativeDataModule:
+        """The DataModule of ``dataset`` as the suite's runs see it (a folder's image_size, ...)."""
+        return GenerativeDataModule(dataset, **{**self.data.get(dataset, {}), **kwargs})
 
 
 def _check_keys(where: str, mapping: dict, allowed: set[str]) -> None:
@@ -142,4 +158,5 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
                                     dict(args), spec, reasons))
     return Suite(name=raw["name"], path=path, seeds=seeds, models=list(raw["models"]),
                  datasets=list(raw["datasets"]), runs=runs, description=raw.get("description", ""),
-                 expected_wall_time=raw.get("expected_wall_time") or {})
+                 expected_wall_time=raw.get("expected_wall_time") or {},
+                 data={dataset: dict(settings.get("data") or {}) for dataset, settings in raw["datasets"].items()})

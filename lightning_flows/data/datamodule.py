@@ -167,6 +167,8 @@ class GenerativeDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs on one process per node: the only place a download or the shard conversion starts (setup on the
         # other ranks then finds them; the cache's lock keeps a second job from building them twice).
+        if hasattr(self.source, "prepare"):  # a named download (CelebA)
+            self.source.prepare()
         if self.dataset in TORCHVISION_DATASETS and not self.streaming:
             load_dataset(self.dataset, self.seed, self.data_dir, self.download, self.n_val)
         elif self.streaming:

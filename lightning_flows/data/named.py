@@ -46,29 +46,42 @@ def _fixed_size(name: str, options: SourceOptions, size: int) -> None:
 
 
 class CelebA64(ImageSource):
-    """CelebA aligned faces at 64x64; see the module docstring."""
+    """CelebA aligned faces at 64x64; see the module docstring. The facts are fixed, so the files are first
+    looked for when the data is prepared or read (a dry run needs none)."""
 
     def __init__(self, dataset: str, options: SourceOptions):
         super().__init__(dataset, options)
         _fixed_size(dataset, options, 64)
         self.root = Path(options.data_dir).expanduser() / "celeba"
         self.info = DatasetInfo(shape=(3, 64, 64), levels=256)
-        if options.download and not self._present():
+        self._listed: tuple[list[str], np.ndarray] | None = None
+
+    def prepare(self) -> None:
+        """Download with torchvision's CelebA downloader when allowed and the files are missing."""
+        if self.options.download and not self._present():
             import torchvision
 
             torchvision.datasets.CelebA(str(self.root.parent), split="all", target_type=[], download=True)
-        if not self._present():
-            raise DataSourceError(
-                f"CelebA was not found under {self.root} (needs img_align_celeba/ and list_eval_partition.txt). Set "
-                f"--data.download true (torchvision's downloader), or download img_align_celeba.zip and "
-                f"list_eval_partition.txt from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into {self.root} "
-                f"and unzip; --data.data_dir sets where celeba/ is.")
-        self.files, self.partition = self._partition()
+
+    @property
+    def files(self) -> list[str]:
+        return self._partition()[0]
+
+    def _partition(self) -> tuple[list[str], np.ndarray]:
+        if self._listed is None:
+            if not self._present():
+                raise DataSourceError(
+                    f"CelebA was not found under {self.root} (needs img_align_celeba/ and list_eval_partition.txt). "
+                    f"Set --data.download true (torchvision's downloader), or download img_align_celeba.zip and "
+                    f"list_eval_partition.txt from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into "
+                    f"{self.root} and unzip; --data.data_dir sets where celeba/ is.")
+            self._listed = self._read_partition()
+        return self._listed
 
     def _present(self) -> bool:
         return (self.root / "img_align_celeba").is_dir() and (self.root / "list_eval_partition.txt").is_file()
 
-    def _partition(self) -> tuple[list[str], np.ndarray]:
+    def _read_partition(self) -> tuple[list[str], np.ndarray]:
         files, codes = [], []
         for line in (self.root / "list_eval_partition.txt").read_text().split("\n"):
             if line.strip():
@@ -89,7 +102,7 @@ class CelebA64(ImageSource):
         return index_files(self.root, self.files, None, None)
 
     def split_codes(self, index: Index, seed: int) -> np.ndarray:
-        return self.partition
+        return self._partition()[1]
 
     def preprocessing(self) -> dict:
         return {"shape": [3, 64, 64], "crop": CELEBA_CROP, "filter": "box-halving+bicubic"}
@@ -111,19 +124,30 @@ class DownsampledImageNet(ImageSource):
         super().__init__(dataset, options)
         _fixed_size(dataset, options, self.size)
         self.root = Path(options.data_dir).expanduser() / dataset
-        train = sorted(self.root.rglob("train_data_batch_*.npz"), key=_batch_number) if self.root.is_dir() else []
-        val = sorted(self.root.rglob("val_data.npz")) if self.root.is_dir() else []
-        if not train or len(val) != 1:
-            raise DataSourceError(
-                f"{dataset} was not found under {self.root} (needs train_data_batch_*.npz and one val_data.npz). "
-                f"Its licence does not allow an automatic download: sign in at https://image-net.org, accept the "
-                f"terms, download the 'Downsampled ImageNet {self.size}x{self.size}' train and val npz zips and unzip "
-                f"them under {self.root} (--data.data_dir sets where {dataset}/ is).")
-        self.parts = [self._member(path) for path in [*train, *val]]
-        self.counts = np.array([data.shape[0] for data, _ in self.parts])
-        self.n_test = int(self.counts[-1])
         self.info = DatasetInfo(shape=(3, self.size, self.size), levels=256, num_classes=1000)
+        self._parts: list[tuple[Member, Member]] | None = None
         self._arrays: dict[int, np.ndarray] = {}
+
+    @property
+    def parts(self) -> list[tuple[Member, Member]]:
+        """``(data, labels)`` of every train batch, then of the val file; found when first needed (a dry run
+        builds the DataModule without the files)."""
+        if self._parts is None:
+            train = sorted(self.root.rglob("train_data_batch_*.npz"), key=_batch_number) if self.root.is_dir() else []
+            val = sorted(self.root.rglob("val_data.npz")) if self.root.is_dir() else []
+            if not train or len(val) != 1:
+                raise DataSourceError(
+                    f"{self.dataset} was not found under {self.root} (needs train_data_batch_*.npz and one "
+                    f"val_data.npz). Its licence does not allow an automatic download: sign in at "
+                    f"https://image-net.org, accept the terms, download the 'Downsampled ImageNet "
+                    f"{self.size}x{self.size}' train and val npz zips and unzip them under {self.root} "
+                    f"(--data.data_dir sets where {self.dataset}/ is).")
+            self._parts = [self._member(path) for path in [*train, *val]]
+        return self._parts
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.array([data.shape[0] for data, _ in self.parts])
 
     def _member(self, path: Path) -> tuple[Member, Member]:
         members = npz_members(path)
@@ -149,7 +173,7 @@ class DownsampledImageNet(ImageSource):
         return Index(names, np.concatenate(digests), np.concatenate(labels))
 
     def split_codes(self, index: Index, seed: int) -> np.ndarray:
-        n_train = len(index.names) - self.n_test
+        n_train = len(index.names) - int(self.counts[-1])
         codes = np.full(len(index.names), SPLIT_CODE["train"], np.int8)
         codes[n_train:] = SPLIT_CODE["test"]
         val = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:self.options.n_val].numpy()
