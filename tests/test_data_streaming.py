@@ -185,3 +185,23 @@ def test_shard_chunks_hold_a_fixed_number_of_examples(tmp_path, cache, monkeypat
     count = json.loads((dm.shards / "meta.json").read_text())["counts"]["train"]
     assert sum(per_chunk) == count and set(per_chunk[:-1]) == {per_chunk[0]}
     assert per_chunk[0] == (chunk_examples or -(-count // streaming_module.MIN_CHUNKS))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_streaming_benchmark_runs_tiny(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from subprocess_runs import ROOT, python_env
+
+    result = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/streaming.py"), "--tiny", "--workers",
+                             "2", "--out", str(tmp_path)], capture_output=True, text=True, env=python_env(),
+                            timeout=850)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "streaming.json").read_text())["rows"]
+    assert [(r["images"], r["mode"]) for r in rows] == [(n, m) for n in (1000, 3000)
+                                                        for m in ("memory", "streaming, 2 workers")]
+    assert all(r["steps_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert "| 3,000 (9) | streaming, 2 workers |" in result.stdout

@@ -193,13 +193,6 @@ class GenerativeDataModule(L.LightningDataModule):
             self.splits = load_dataset(self.dataset, self.seed, self.data_dir, self.download, self.n_val)
         else:
             self.splits = load_splits(self.source, self.seed)
-        if self.is_discrete:
-            # Fixed dequantisation noise for evaluation: the same test NLL on every run and any
-            # number of ranks, since each example carries its own noise.
-            for offset, split in enumerate(("val", "test")):
-                data = getattr(self.splits, split)
-                gen = torch.Generator().manual_seed(self.seed * 1000 + 17 + offset)
-                self._eval_noise[split] = torch.rand(data.shape, generator=gen)
 
     def _streamed_splits(self) -> DatasetSplits:
         """Val and test in memory (the evaluation's), and of the streamed training split an evenly spread subset
@@ -208,10 +201,11 @@ class GenerativeDataModule(L.LightningDataModule):
 
         directory = self._shard_directory()
         counts = json.loads((directory / "meta.json").read_text())["counts"]
-        parts = {split: read_shard_examples(directory / split, np.arange(counts[split])) for split in ("val", "test")}
+        parts = {split: read_shard_examples(directory / split, np.arange(counts[split]), self.info.shape)
+                 for split in ("val", "test")}
         subset = np.unique(np.linspace(0, counts["train"] - 1, min(counts["train"], max(counts["test"], 1))
                                        ).round().astype(np.int64))
-        parts["train"] = read_shard_examples(directory / "train", subset)
+        parts["train"] = read_shard_examples(directory / "train", subset, self.info.shape)
         labelled = self.info.num_classes > 0
         images = {split: examples for split, (examples, _) in parts.items()}
         labels = {f"{split}_labels": labels if labelled else None for split, (_, labels) in parts.items()}
@@ -242,6 +236,16 @@ class GenerativeDataModule(L.LightningDataModule):
                            f"on (files added, removed or changed): the resumed data order is not the interrupted "
                            f"run's. Pass --data.splits <run dir>/{SPLIT_MANIFEST} to resume on the same examples.")
 
+    def _evaluation_noise(self, split: str) -> Tensor:
+        """Fixed dequantisation noise of ``split`` (val or test), made when evaluation first needs it (float32,
+        4x the split's uint8 size: a training-only run never holds it): the same test NLL on every run and any
+        number of ranks, since each example carries its own noise."""
+        if split not in self._eval_noise:
+            offset = ("val", "test").index(split)
+            gen = torch.Generator().manual_seed(self.seed * 1000 + 17 + offset)
+            self._eval_noise[split] = torch.rand(getattr(self.splits, split).shape, generator=gen)
+        return self._eval_noise[split]
+
     def split(self, name: str) -> Tensor:
         """The whole split ``name`` in model space (evaluation dequantisation for discrete data)."""
         self.setup()
@@ -251,7 +255,7 @@ class GenerativeDataModule(L.LightningDataModule):
         if name == "train":
             gen = torch.Generator().manual_seed(self.seed)
             return self.dequantise(data, torch.rand(data.shape, generator=gen))
-        return self.dequantise(data, self._eval_noise[name])
+        return self.dequantise(data, self._evaluation_noise(name))
 
     def split_labels(self, name: str) -> Tensor:
         """The class labels ``(N,)`` int64 of split ``name``, in the order of :meth:`split`."""
@@ -273,7 +277,7 @@ class GenerativeDataModule(L.LightningDataModule):
 
     def _eval_transform(self, split: str):
         def transform(raw: Tensor, idx: Tensor, gen: torch.Generator) -> Tensor:
-            return raw if not self.is_discrete else self.dequantise(raw, self._eval_noise[split][idx])
+            return raw if not self.is_discrete else self.dequantise(raw, self._evaluation_noise(split)[idx])
         return transform
 
     def train_dataloader(self) -> InMemoryBatches:

@@ -68,6 +68,8 @@ def _write_split(source, catalogue: Catalogue, split: str, directory: Path) -> i
 
     _litdata()
     positions = catalogue.positions(split)
+    if len(positions) == 0:  # e.g. --data.val_fraction 0: no shards (litdata writes no index for no items)
+        return 0
     example_bytes = int(np.prod(source.info.shape))
     per_chunk = max(1, min(CHUNK_BYTES // example_bytes, -(-len(positions) // MIN_CHUNKS)))
     writer = BinaryWriter(str(directory), chunk_size=per_chunk)
@@ -100,15 +102,16 @@ def ensure_shards(source, catalogue: Catalogue, cache_dir: str | None) -> Path:
     return build_once(root, build)
 
 
-def read_shard_examples(directory: Path, positions: np.ndarray) -> tuple[Tensor, Tensor]:
-    """The examples at (sorted) ``positions`` of one split's shards, the same on every rank: ``(n, C, H, W)``
+def read_shard_examples(directory: Path, positions: np.ndarray, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The examples at (sorted) ``positions`` of one split's shards (examples of ``shape``), the same on every rank:
+    ``(n, C, H, W)``
     uint8 and their labels ``(n,)`` int64 (``-1``: unlabelled). (An integer index is global in litdata, while
     the dataset's ``len`` under DDP is one rank's share.)"""
+    if len(positions) == 0:
+        return torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     litdata = _litdata()
     dataset = litdata.StreamingDataset(str(directory), shuffle=False)
     items = [dataset[int(i)] for i in positions]
-    if not items:
-        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     images = torch.from_numpy(np.stack([np.asarray(item["image"]) for item in items]))
     return images, torch.tensor([int(item["label"]) for item in items], dtype=torch.int64)
 
