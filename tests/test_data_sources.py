@@ -5,6 +5,7 @@ added, the split manifest, and every bad input with a message that names the fix
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -242,3 +243,17 @@ def test_dataset_info_takes_paths_with_their_options(tmp_path, cache):
     root = make_folder(tmp_path / "pets", per_class=3, size=16)
     assert dataset_info(str(root), image_size=8, cache_dir=cache).shape == (3, 8, 8)
     assert dataset_info("digits").shape == (1, 8, 8)
+
+
+def test_a_checkpoint_of_other_training_examples_warns_on_resume(tmp_path, cache):
+    root = make_folder(tmp_path / "pets", per_class=20)
+    state = GenerativeDataModule(str(root), cache_dir=cache).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GenerativeDataModule(str(root), cache_dir=cache).load_state_dict(state)  # the same data: silent
+    for i, image in enumerate(pixels(10, seed=5)):
+        save_image(image, root / "cat" / f"added{i}.png")
+    with pytest.warns(UserWarning, match="--data.splits <run dir>/data_splits.csv"):
+        GenerativeDataModule(str(root), cache_dir=cache).load_state_dict(state)
+    with pytest.warns(UserWarning, match="differ from those this checkpoint was trained on"):
+        GenerativeDataModule("digits").load_state_dict(state)  # resumed on a registered dataset: no KeyError

@@ -208,7 +208,7 @@ class GenerativeDataModule(L.LightningDataModule):
         parts["train"] = read_shard_examples(directory / "train", subset, self.info.shape)
         labelled = self.info.num_classes > 0
         images = {split: examples for split, (examples, _) in parts.items()}
-        labels = {f"{split}_labels": labels if labelled else None for split, (_, labels) in parts.items()}
+        labels = {f"{split}_labels": classes if labelled else None for split, (_, classes) in parts.items()}
         return DatasetSplits(**images, **labels, info=self.info)
 
     def _write_split_manifest(self) -> None:
@@ -231,7 +231,7 @@ class GenerativeDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("train_digest")
-        if saved and saved != self.state_dict()["train_digest"]:
+        if saved and saved != self.state_dict().get("train_digest"):
             rank_zero_warn(f"The training examples of '{self.dataset}' differ from those this checkpoint was trained "
                            f"on (files added, removed or changed): the resumed data order is not the interrupted "
                            f"run's. Pass --data.splits <run dir>/{SPLIT_MANIFEST} to resume on the same examples.")
