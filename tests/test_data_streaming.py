@@ -203,5 +203,6 @@ def test_the_streaming_benchmark_runs_tiny(tmp_path):
     rows = json.loads((tmp_path / "streaming.json").read_text())["rows"]
     assert [(r["images"], r["mode"]) for r in rows] == [(n, m) for n in (1000, 3000)
                                                         for m in ("memory", "streaming, 2 workers")]
-    assert all(r["steps_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert all(r["steps_per_s"] > 0 and r["steps_per_cpu_s"] > 0 and r["peak_rss_mib"] > 100 for r in rows)
+    assert all(r["workers_peak_private_mib"] > 0 for r in rows if r["mode"] != "memory")  # the workers were seen
     assert "| 3,000 (9) | streaming, 2 workers |" in result.stdout

@@ -11,21 +11,27 @@ short and the loader's cost shows) as a separate ``lightning-flows fit`` process
 * ``memory``: the whole training split in memory (the default loader);
 * ``streaming, w workers``: ``--data.streaming true --data.num_workers w``.
 
-Each process reports its steps/s over the steps after ``--warmup`` and, from ``getrusage``, the peak RSS of the
-training process itself and of its largest loader worker (a worker is forked from the training process, so its
-RSS counts the pages it still shares with it). Modes run back to back for ``--rounds`` rounds,
-alternating their order; the table gives the median steps/s and its ratio to ``memory`` in the same round.
-The val split is empty and the test split 1% (what the evaluation keeps in memory in either mode); validation is
-off, so neither mode holds evaluation noise. Writes ``<out>/streaming.json`` and prints a Markdown table.
+Each process reports, over the steps after ``--warmup``, its steps/s on the wall clock and on its own CPU clock
+(which the other jobs of a shared machine cannot slow down; the loader workers' CPU is reported beside it), and
+its memory: the training process's own peak RSS (``VmHWM`` from ``/proc``, so Linux only: ``getrusage``'s
+``ru_maxrss`` is carried across ``exec`` from the forked parent, here the script holding the images it wrote) and
+the peak of its loader workers' summed private memory (USS: the pages a forked worker does not share with the
+training process, i.e. what the workers add), sampled every 0.1 s. Modes run back to back for
+``--rounds`` rounds, alternating their order; the table gives the medians and the ratios to ``memory`` in the
+same round. The val split is empty and the test split 1% (what the evaluation keeps in memory in either mode);
+validation is off, so neither mode holds evaluation noise. Writes ``<out>/streaming.json`` and prints a Markdown
+table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,30 +71,99 @@ def prepare(npz: Path, cache: Path) -> float:
     return time.perf_counter() - started
 
 
-def measure(npz: str, cache: str, streaming: bool, workers: int, steps: int, warmup: int, batch: int) -> dict:
-    """One training process (this one): steps/s after ``warmup`` steps and peak RSS (MiB)."""
-    import resource
+def _proc_fields(pid: int | str, name: str) -> dict[str, int]:
+    """``/proc/<pid>/<name>`` (``status`` or ``smaps_rollup``) as ``{field: kB}``."""
+    fields = {}
+    with open(f"/proc/{pid}/{name}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0])
+    return fields
 
+
+class WorkerSampler(threading.Thread):
+    """Every ``interval`` seconds: the summed private memory (MiB) and CPU seconds of this process's children (the
+    loader workers), keeping the peak memory and each worker's last CPU time (so a worker that exits still counts)."""
+
+    def __init__(self, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.interval, self.peak_private_mib, self.cpu = interval, 0.0, {}
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.stopped = threading.Event()
+
+    def children(self) -> list[str]:
+        pid = os.getpid()
+        found = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                found += open(f"/proc/{pid}/task/{task}/children").read().split()
+            except OSError:
+                pass
+        return found
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            total = 0
+            for child in self.children():
+                try:
+                    rollup = _proc_fields(child, "smaps_rollup")
+                    total += rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
+                    stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+                    self.cpu[child] = (int(stat[11]) + int(stat[12])) / self.ticks  # utime + stime
+                except (OSError, IndexError, ValueError):  # exited between listing and reading
+                    pass
+            self.peak_private_mib = max(self.peak_private_mib, total / 1024)
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
+
+
+def measure(npz: str, cache: str, streaming: bool, workers: int, steps: int, warmup: int, batch: int) -> dict:
+    """One training process (this one): steps/s after ``warmup`` steps, on the wall and CPU clocks, and memory."""
+    import lightning as L
     import torch
     from throughput import WindowClock
 
     from lightning_flows.training import build_cli
 
+    class CPUClock(L.Callback):
+        """The CPU seconds of this process and of its workers over the steps WindowClock times."""
+
+        def __init__(self, window: WindowClock, sampler: WorkerSampler):
+            self.window, self.sampler, self.start = window, sampler, None
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if self.start is None and self.window.start is not None:
+                self.start = (time.process_time(), self.sampler.cpu_seconds())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.seconds = time.process_time() - self.start[0]
+            self.worker_seconds = self.sampler.cpu_seconds() - self.start[1]
+
     torch.set_num_threads(1)
+    sampler = WorkerSampler()
+    sampler.start()
     clock = WindowClock(warmup)
+    cpu = CPUClock(clock, sampler)
     args = ["--config", str(ROOT / "experiments/cifar10/flow_matching.yaml"), *MODEL_ARGS,
             "--data.dataset", npz, "--data.cache_dir", cache, "--data.batch_size", str(batch), *DATA_ARGS,
             "--data.streaming", str(streaming).lower(), "--data.num_workers", str(workers),
             "--trainer.max_steps", str(warmup + steps), "--trainer.max_epochs", "-1", "--trainer.accelerator", "cpu",
             "--trainer.devices", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.default_root_dir", str(Path(cache).parent / "runs"),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     cli = build_cli(args, run=False)
-    cli.trainer.callbacks.append(clock)
+    cli.trainer.callbacks += [clock, cpu]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"steps_per_s": (clock.images / batch) / clock.seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    sampler.stopped.set()
+    sampler.join()
+    done = clock.images / batch
+    return {"steps_per_s": done / clock.seconds, "steps_per_cpu_s": done / cpu.seconds,
+            "worker_cpu_ms_per_step": 1000 * cpu.worker_seconds / done,
+            "peak_rss_mib": _proc_fields("self", "status")["VmHWM"] / 1024,
+            "workers_peak_private_mib": sampler.peak_private_mib}
 
 
 def run_measure(npz: Path, cache: Path, mode: tuple[bool, int], opts) -> dict:
@@ -96,7 +171,7 @@ def run_measure(npz: Path, cache: Path, mode: tuple[bool, int], opts) -> dict:
     command = [sys.executable, __file__, "--measure", str(npz), "--cache", str(cache), "--streaming",
                str(int(streaming)), "--workers", str(workers), "--steps", str(opts.steps), "--warmup",
                str(opts.warmup), "--batch", str(opts.batch)]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{Path(__file__).parent}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{Path(__file__).parent}"}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{command} failed:\n{result.stderr[-3000:]}")
@@ -142,25 +217,32 @@ def main() -> None:
                 runs[mode_name(mode)].append(run_measure(npz, cache, mode, opts))
         for name, measured in runs.items():
             ratios = [m["steps_per_s"] / base["steps_per_s"] for m, base in zip(measured, runs["memory"])]
+            cpu_ratios = [m["steps_per_cpu_s"] / base["steps_per_cpu_s"] for m, base in zip(measured, runs["memory"])]
             rows.append({"images": n, "dataset_mib": n * 3 * SIZE * SIZE / 2**20, "mode": name,
                          "prepare_s": seconds, "steps_per_s": statistics.median(m["steps_per_s"] for m in measured),
                          "ratio_to_memory": statistics.median(ratios), "ratio_min": min(ratios),
-                         "ratio_max": max(ratios), "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
-                         "worker_peak_rss_mib": max(m["worker_peak_rss_mib"] for m in measured)})
+                         "ratio_max": max(ratios),
+                         "steps_per_cpu_s": statistics.median(m["steps_per_cpu_s"] for m in measured),
+                         "cpu_ratio_to_memory": statistics.median(cpu_ratios),
+                         "worker_cpu_ms_per_step": statistics.median(m["worker_cpu_ms_per_step"] for m in measured),
+                         "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
+                         "workers_peak_private_mib": max(m["workers_peak_private_mib"] for m in measured)})
         npz.unlink()  # the shards stay in the cache; the array file is no longer needed
     (out / "streaming.json").write_text(json.dumps({
         "environment": script_environment(ROOT, "cpu", 1, "one intra-op thread per training process"),
         "settings": {k: getattr(opts, k) for k in ("sizes", "workers", "steps", "warmup", "batch", "rounds")},
         "rows": rows}, indent=1))
-    print("| images (MiB of pixels) | mode | steps/s | vs memory (min-max) | peak RSS, training process | "
-          "peak RSS, largest worker |")
-    print("|---|---|---|---|---|---|")
+    print("| images (MiB of pixels) | mode | steps/s (wall) | vs memory (min-max) | steps per CPU s, training "
+          "process | vs memory | workers' CPU per step | peak RSS, training process | peak private memory, workers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        worker = f"{row['worker_peak_rss_mib']:.0f} MiB" if row["mode"] != "memory" else "-"
+        workers = row["mode"].startswith("streaming") and not row["mode"].startswith("streaming, 0")
+        private = f"{row['workers_peak_private_mib']:.0f} MiB" if workers else "-"
+        worker_cpu = f"{row['worker_cpu_ms_per_step']:.1f} ms" if workers else "-"
         print(f"| {row['images']:,} ({row['dataset_mib']:.0f}) | {row['mode']} | {row['steps_per_s']:.1f} | "
               f"{row['ratio_to_memory']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | "
-              f"{row['peak_rss_mib']:.0f} MiB | {worker} |")
-
+              f"{row['steps_per_cpu_s']:.1f} | {row['cpu_ratio_to_memory']:.2f} | {worker_cpu} | "
+              f"{row['peak_rss_mib']:.0f} MiB | {private} |")
 
 if __name__ == "__main__":
     main()
