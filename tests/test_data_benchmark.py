@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from user_data import make_folder
 
@@ -51,3 +52,24 @@ def test_a_suite_runs_on_a_folder_given_by_its_path(tmp_path, capsys):
     assert result["dataset"] == str(folder) and result["bpd_exact"] > 0 and result["fid"] > result["fid_floor"]
     text = table.read_text()
     assert f"## {folder}" in text and "independent pixels" in text  # the reference bits/dim of the folder
+
+
+FAMILIES = {"VAE", "GAN", "RealNVP", "Glow", "CNF", "Diffusion", "FlowMatching"}
+
+
+def test_the_imagenet_gpu_suite_dry_runs_on_a_cpu_without_its_files(capsys):
+    """Every family builds at 32x32 and 64x64 from the CIFAR-10 configs and takes a fake batch; no file is read."""
+    suite = load_suite(ROOT / "experiments/suites/imagenet.yaml", ROOT)
+    rows = runner.dry_run(suite, Path("unused"), [])
+    assert {r["family"] for r in rows} == FAMILIES and len(rows) == 14
+    assert {r["run"].split("/")[1] for r in rows} == {"imagenet32", "imagenet64"}
+    assert "inception vs train" in capsys.readouterr().out
+    streamed = suite.datamodule("imagenet64")
+    assert streamed.data_shape == (3, 64, 64) and streamed.streaming and streamed.n_val == 10_000
+
+
+@pytest.mark.slow  # the same CIFAR-10 configs at 64x64 as imagenet64 above
+def test_the_celeba64_gpu_suite_dry_runs_on_a_cpu_without_its_files(capsys):
+    rows = runner.dry_run(load_suite(ROOT / "experiments/suites/celeba64.yaml", ROOT), Path("unused"), [])
+    assert {r["family"] for r in rows} == FAMILIES and len(rows) == 7
+    assert "inception vs train" in capsys.readouterr().out

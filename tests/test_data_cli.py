@@ -98,3 +98,13 @@ def test_inception_fid_on_a_folder(tmp_path, data, request):
     row = {k: v for r in csv.DictReader(log.open()) for k, v in r.items() if v}
     assert math.isfinite(float(row["test/fid_inception_test_n10"])) and math.isfinite(float(row["test/bpd_exact"]))
 
+
+
+@pytest.mark.parametrize("family, size", [("glow", 10), ("realnvp", 9)])  # digits configs: levels 2
+def test_an_image_size_a_multiscale_flow_cannot_squeeze_names_levels_and_writes_nothing(tmp_path, data, family,
+                                                                                        size):
+    with pytest.raises(SystemExit, match=r"^error: .* has an odd side and cannot be squeezed; lower `levels`"):
+        main(["fit", "--config", f"experiments/digits/{family}.yaml",
+              *quiet_fit_args(tmp_path, *TINY, "--data.dataset", str(data["folder"]), "--data.image_size", str(size),
+                              "--data.cache_dir", str(data["cache"]))])
+    assert not list(tmp_path.glob("**/*.ckpt")) and not list(tmp_path.glob("**/data_splits.csv"))
