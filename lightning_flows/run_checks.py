@@ -74,8 +74,8 @@ def _output_dirs(config) -> list[tuple[str, str]]:
     return [(str(d), option) for d, option in dirs if "://" not in str(d)]  # remote storage: not checked
 
 
-def check_writable(directory: str | Path, option: str) -> None:
-    """Create ``directory`` if needed and write (then remove) a file in it; a clear error if that fails."""
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Create ``directory`` if needed and write (then remove) a file in it: None if that works, else why not."""
     directory = Path(directory)
     probe = directory / f".lightning_flows_write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
@@ -83,9 +83,16 @@ def check_writable(directory: str | Path, option: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RunSetupError(
-            f"Cannot write to {directory} ({err.strerror or type(err).__name__}); this run would lose its "
-            f"checkpoints, logs and samples there. Pass a writable directory with {option} DIR.") from None
+        return err.strerror or type(err).__name__
+    return None
+
+
+def check_writable(directory: str | Path, option: str) -> None:
+    """``directory`` exists or can be made, and is writable; a clear error naming ``option`` if not."""
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise RunSetupError(f"Cannot write to {directory} ({reason}); this run would lose its checkpoints, logs and "
+                            f"samples there. Pass a writable directory with {option} DIR.")
 
 
 def check_output_dirs_writable(config) -> None:

@@ -20,6 +20,7 @@ from typing import Callable
 from filelock import FileLock
 
 from lightning_flows.metrics.classifier import default_cache_dir  # the one cache root (evaluation's too)
+from lightning_flows.run_checks import unwritable_reason
 
 
 class DataSourceError(ValueError):
@@ -31,15 +32,11 @@ def data_cache_dir(cache_dir: str | Path | None) -> Path:
     checked writable (a clear error naming ``--data.cache_dir`` if not)."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     directory = root / "data"
-    probe = directory / f".write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise DataSourceError(f"Cannot write to the data cache {directory} ({err.strerror or type(err).__name__}); "
-                              f"user data is indexed (and streamed) from there. Pass a writable directory with "
-                              f"--data.cache_dir DIR (or set LIGHTNING_FLOWS_CACHE).") from None
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise DataSourceError(f"Cannot write to the data cache {directory} ({reason}); user data is indexed (and "
+                              f"streamed) from there. Pass a writable directory with --data.cache_dir DIR (or set "
+                              f"LIGHTNING_FLOWS_CACHE).")
     return directory
 
 
