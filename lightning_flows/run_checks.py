@@ -100,10 +100,8 @@ def _output_dirs(config) -> list[tuple[str, str]]:
     return [(str(d), option) for d, option in dirs if "://" not in str(d)]  # remote storage: not checked
 
 
-def check_writable(directory: str | Path, option: str,
-                   consequence: str = "this run would lose its checkpoints, logs and samples there",
-                   fix: str | None = None) -> None:
-    """Create ``directory`` if needed and write (then remove) a file in it; a clear error if that fails."""
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Create ``directory`` if needed and write (then remove) a file in it: None if that works, else why not."""
     directory = Path(directory)
     probe = directory / f".lightning_flows_write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
@@ -111,8 +109,18 @@ def check_writable(directory: str | Path, option: str,
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RunSetupError(f"Cannot write to {directory} ({err.strerror or type(err).__name__}); {consequence}. "
-                            f"{fix or f'Pass a writable directory with {option} DIR.'}") from None
+        return err.strerror or type(err).__name__
+    return None
+
+
+def check_writable(directory: str | Path, option: str,
+                   consequence: str = "this run would lose its checkpoints, logs and samples there",
+                   fix: str | None = None) -> None:
+    """``directory`` exists or can be made, and is writable; a clear error naming ``option`` (or ``fix``) if not."""
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise RunSetupError(f"Cannot write to {directory} ({reason}); {consequence}. "
+                            f"{fix or f'Pass a writable directory with {option} DIR.'}")
 
 
 def check_output_dirs_writable(config) -> None:

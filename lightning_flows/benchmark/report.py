@@ -18,7 +18,7 @@ from lightning_flows.benchmark.figures import bits_per_dim_bars, montage, qualit
 from lightning_flows.benchmark.store import Store, atomic_write_bytes, atomic_write_text
 from lightning_flows.benchmark.suite import run_slug
 from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
-from lightning_flows.data import GenerativeDataModule, dataset_info
+from lightning_flows.data import GenerativeDataModule
 from lightning_flows.evaluation import KEYS
 from lightning_flows.metrics.baselines import independent_pixel_bits_per_dim
 
@@ -53,8 +53,7 @@ def _env_line(suite, environment: dict) -> str:
             f"{environment['git_commit'][:12]}, torch {packages['torch']}, lightning {packages['lightning']}.")
 
 
-def _real_for_montage(dataset: str, seed: int, n: int) -> torch.Tensor:
-    dm = GenerativeDataModule(dataset, seed=seed)
+def _real_for_montage(dm: GenerativeDataModule, n: int) -> torch.Tensor:
     data = dm.split("test")[:n]
     return dm.to_pixels(data) if dm.is_discrete else data
 
@@ -80,7 +79,7 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     out.mkdir(parents=True, exist_ok=True)
     missing = dict(missing or {})
     entries = aggregate(rows)
-    image_datasets = {d for d in suite.datasets if dataset_info(d).is_image}
+    image_datasets = {d for d in suite.datasets if suite.datamodule(d).info.is_image}
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment),
              f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); mean ± std over seeds.", ""]
@@ -96,7 +95,7 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
         first = next(r for r in rows if r["dataset"] == dataset)
         if dataset in image_datasets:
             references = ", ".join(f"{name.split(' (')[0]} {value:.3f}"
-                                   for name, value in reference_likelihoods(dataset).items())
+                                   for name, value in reference_likelihoods(dataset, suite.datamodule(dataset)).items())
             detail = (f"test bits/dim needing no training: {references}. "
                       f"Sample quality: {spec['n_samples']} samples, features `{first.get('extractor', '-')}`, "
                       f"reference: {spec['reference_split']} split (n={first.get('n_reference', '-')}), floor n="
@@ -127,10 +126,11 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     return table
 
 
-def reference_likelihoods(dataset: str) -> dict[str, float]:
+def reference_likelihoods(dataset: str, dm: GenerativeDataModule | None = None) -> dict[str, float]:
     """Test bits/dim that need no training: a uniform density over the levels and independent per-pixel
-    categoricals fitted on the training split (what any model of the images must beat)."""
-    dm = GenerativeDataModule(dataset)
+    categoricals fitted on the training split (what any model of the images must beat). ``dm``: the dataset's
+    DataModule when it needs arguments (a folder's image_size)."""
+    dm = dm or GenerativeDataModule(dataset)
     dm.setup()
     return {f"uniform ({dataset})": math.log2(dm.levels),
             f"independent pixels ({dataset})": independent_pixel_bits_per_dim(dm.splits.train, dm.splits.test,
@@ -143,7 +143,7 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
     figures = {"quality vs sampling cost": quality_vs_cost(entries, image_datasets, out / "quality_vs_cost.png")}
     baselines = {}
     for dataset in sorted(image_datasets):
-        baselines.update(reference_likelihoods(dataset))
+        baselines.update(reference_likelihoods(dataset, suite.datamodule(dataset)))
     bars = bits_per_dim_bars(entries, out / "bits_per_dim.png", baselines)
     if bars is not None:
         figures["bits/dim by model"] = bars
@@ -152,10 +152,11 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
         path = Store(out).link(_slug(row)) / "samples.pt"
         if row["seed"] == min(r["seed"] for r in rows) and path.is_file():
             kept = torch.load(path, weights_only=True)
-            dm = GenerativeDataModule(row["dataset"])
+            dm = suite.datamodule(row["dataset"])
             samples[(row["dataset"], row["model"])] = dm.to_pixels(kept) if dm.is_discrete else kept
     if samples:
-        real = {d: _real_for_montage(d, 0, 2000 if d not in image_datasets else 36) for d in {d for d, _ in samples}}
+        real = {d: _real_for_montage(suite.datamodule(d, seed=0), 2000 if d not in image_datasets else 36)
+                for d in {d for d, _ in samples}}
         figures["samples of every model beside real data"] = montage(samples, real, out / "montage.png",
                                                                            suite.models)
     return figures

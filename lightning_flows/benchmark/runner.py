@@ -38,6 +38,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import secrets
 import shlex
 import tempfile
 import threading
@@ -498,9 +499,12 @@ def run_suite(suite_path: str | Path, out_dir: str | Path, only: list[str] | Non
     say(f"suite '{suite.name}': {len(plans)} runs ({len(plans) - len(todo)} already finished, {len(todo)} to go) "
         f"on {describe_device()}; results in {store.out}/")
     outcomes: list[Outcome] = []
-    # One attempt id per invocation (a run is attempted at most once in it): runs/<slug>.attempt-<id>.
-    attempt = partial(attempt_run, suite=suite, store=store, logger=logger,
-                      attempt_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", force_since=force_since)
+    # One attempt id per invocation (a run is attempted at most once in it): runs/<slug>.attempt-<id>. The random
+    # part keeps two invocations of one process within the same second apart (the rerun that replaces a run
+    # finished a moment ago must not be handed that run's own directory).
+    attempt_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    attempt = partial(attempt_run, suite=suite, store=store, logger=logger, attempt_id=attempt_id,
+                      force_since=force_since)
 
     def report(i: int, outcome: Outcome, left: int) -> None:
         outcomes.append(outcome)

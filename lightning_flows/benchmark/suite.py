@@ -4,7 +4,7 @@ them, seeds, and the evaluation settings. Loaded from YAML (``experiments/suites
     name: quick
     seeds: [0, 1]
     models: [vae, gan, realnvp, glow, cnf, diffusion, flow_matching]   # experiments/<configs>/<model>.yaml
-    datasets:
+    datasets:   # a registered or named dataset, or the path of a folder of images / an .npz file
       8gaussians: {configs: experiments/toy2d, steps: 2000, batch_size: 512}
       digits: {configs: experiments/digits, steps: 1000, batch_size: 128, evaluation: {n_samples: 1000}}
       # also per dataset: recipe (merged over the suite's), models (a subset), data (DataModule arguments)
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from lightning_flows.data import GenerativeDataModule
+from lightning_flows.data.cache import slug
 from lightning_flows.evaluation import EvaluationSpec
 
 SUITE_KEYS = {"name", "description", "seeds", "models", "datasets", "recipe", "overrides", "evaluation", "trainer",
@@ -45,14 +47,17 @@ COSMETIC_SETTINGS = ("progress", "cache_dir")
 COSMETIC_ARGUMENTS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
+def run_slug(dataset: str, model: str, seed: int) -> str:
+    """A run's file name: a dataset given as a path (``datasets: {/data/pets: ...}``) is named by its last part and
+    a hash of the whole path, so paths never nest directories and two folders of one name never collide."""
+    name = slug(dataset)
+    if name != dataset:
+        name = f"{name}-{hashlib.sha256(dataset.encode()).hexdigest()[:8]}"
+    return f"{name}__{model}__seed{seed}"
+
+
 class SuiteError(ValueError):
     """A suite file that cannot be run, with what to change."""
-
-
-
-def run_slug(dataset: str, model: str, seed: int) -> str:
-    """The name of a run's files: ``<dataset>__<model>__seed<seed>``."""
-    return f"{dataset}__{model}__seed{seed}"
 
 
 @dataclass
@@ -126,6 +131,11 @@ class Suite:
     runs: list[RunPlan]
     description: str = ""
     expected_wall_time: dict = field(default_factory=dict)
+    data: dict[str, dict] = field(default_factory=dict)  # dataset -> its `data:` DataModule arguments
+
+    def datamodule(self, dataset: str, **kwargs) -> GenerativeDataModule:
+        """The DataModule of ``dataset`` as the suite's runs see it (a folder's image_size, ...)."""
+        return GenerativeDataModule(dataset, **{**self.data.get(dataset, {}), **kwargs})
 
 
 EXAMPLE = "experiments/suites/quick.yaml shows every key"
@@ -255,6 +265,7 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
     if not isinstance(description, str):
         raise _wrong(path, "description", "text", description, "description: what the suite compares")
     runs = []
+    data_arguments = {}  # dataset -> its `data:` DataModule arguments
     for dataset, settings in datasets.items():
         where = f"datasets.{dataset}"
         settings = _mapping(path, where, settings, datasets_example)
@@ -273,6 +284,7 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
         spec = _evaluation_spec(path, dataset, spec_values)
         dataset_recipe = _mapping(path, f"{where}.recipe", settings.get("recipe"), "recipe: {trainer.precision: 32}")
         data = _mapping(path, f"{where}.data", settings.get("data"), "data: {num_workers: 0}")
+        data_arguments[dataset] = dict(data)
         dataset_models = _names(path, f"{where}.models", settings["models"], "models: [vae, glow]") \
             if "models" in settings else models
         for model in dataset_models:
@@ -300,4 +312,5 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
     return Suite(name=raw["name"], path=path, seeds=seeds, models=list(models), datasets=list(datasets),
                  runs=runs, description=description,
                  expected_wall_time=_mapping(path, "expected_wall_time", raw.get("expected_wall_time"),
-                                             "expected_wall_time: {cpu: 6 min}"))
+                                             "expected_wall_time: {cpu: 6 min}"),
+                 data=data_arguments)

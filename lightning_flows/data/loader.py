@@ -27,6 +27,11 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of one epoch's per-batch noise on one rank (every training loader draws from it)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 64 + rank)
+
+
 class InMemoryBatches:
     """Iterate over ``transform(data[idx], generator)`` for batches of indices ``idx``, or over
     ``(transform(data[idx], generator), labels[idx])`` when ``labels`` are given.
@@ -106,7 +111,7 @@ class InMemoryBatches:
         else:
             # tensor_split keeps the batch count equal on every rank without padding or repeats.
             chunks = torch.tensor_split(indices, n_batches) if n_batches > 0 else ()
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 64 + rank)
+        generator = epoch_generator(self.seed, epoch, rank)
         self.epoch = epoch + 1
         for i, idx in enumerate(chunks):
             if i < skip:

@@ -1,5 +1,7 @@
 """Dataset registry: a name -> train/val/test tensors and what bits/dim needs to know about them.
 
+(Beside these: folders, ``.npz`` files and named downloads, see :mod:`lightning_flows.data.resolve`.)
+
 Discrete datasets are returned as integer tensors in ``{0, ..., levels-1}`` of shape ``(N, C, H, W)``;
 continuous (toy 2D) datasets as float tensors of shape ``(N, 2)`` with ``levels = None``.
 Splits are deterministic functions of ``seed``; the test split of every image dataset is the same for every
@@ -63,7 +65,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def registered_info(name: str) -> DatasetInfo:
+    """The facts of a registered dataset (``lightning_flows.data.dataset_info`` also takes paths and named
+    downloads)."""
     if name not in DATASET_INFO:
         known = ", ".join(sorted(DATASET_INFO))
         raise ValueError(f"Unknown dataset '{name}'. Choose one of: {known}.")
@@ -158,7 +162,7 @@ def _load_torchvision(name: str, data_dir: str, download: bool, seed: int, n_val
 def load_dataset(name: str, seed: int = 0, data_dir: str = "data", download: bool = False,
                  n_val: int = 5_000) -> DatasetSplits:
     """Load ``name`` with deterministic splits. ``n_val`` applies to the torchvision datasets."""
-    dataset_info(name)  # raises a clear error for unknown names
+    registered_info(name)  # raises a clear error for unknown names
     if name in TOY_SAMPLERS:
         return _load_toy(name, seed)
     if name == "digits":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_flows.data.cache import slug
 from lightning_flows.metrics.distributed import all_ranks_agree, barrier, gather_objects
 from lightning_flows.metrics.features import build_feature_extractor
 
@@ -37,10 +38,8 @@ def real_pixels(datamodule, split: str) -> Tensor:
 def split_fingerprint(datamodule, split: str) -> str:
     """A hash of the raw contents of ``split`` (so the data seed and split sizes are part of it)."""
     datamodule.setup()
-    raw = getattr(datamodule.splits, split)
-    digest = hashlib.sha256(f"{datamodule.dataset}|{split}|{tuple(raw.shape)}|{raw.dtype}".encode())
-    digest.update(raw.contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    # A path's last part (slug): a folder's reference features follow its content, not where it lies.
+    return content_fingerprint(f"{slug(datamodule.dataset)}|{split}", getattr(datamodule.splits, split))
 
 
 def build_extractor(name: str, dataset: str, weights_path: str | None, cache_dir: Path, rank: int,
@@ -76,7 +75,7 @@ def content_fingerprint(name: str, data: Tensor) -> str:
 
 
 def _cache_path(cache_dir: Path, dataset: str, name: str, data_hash: str, extractor) -> Path:
-    key = f"{dataset}_{name}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
+    key = f"{slug(dataset)}_{name}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
     return Path(cache_dir) / "reference_features" / f"{key}_v{CACHE_VERSION}.pt"
 
 
