@@ -109,7 +109,7 @@ def train_and_evaluate(opts, suite, plan, recipe: str, out: Path) -> list[dict]:
                                         "--trainer.enable_checkpointing", "false"]
     if opts.steps:
         extra += ["--trainer.max_steps", str(opts.steps * model_class_of(plan.config).optimizer_steps_per_batch)]
-    args = run_arguments(plan, suite, out / "runs", extra, "csv")
+    args = run_arguments(plan, suite, out / "runs", "csv") + extra  # later arguments win: the recipe, the budget
     cli = build_cli(args[1:], run=False)  # without the subcommand: we call fit ourselves
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     swept = [cb for cb in emas.values() if cb is not None]
