@@ -1,6 +1,6 @@
 """Run by tests/test_conditional_ddp.py: class-conditional models for a few batches on 2 CPU ranks (gloo) under DDP,
-on labelled ``(x, y)`` batches: a conv GAN (projection discriminator, spectral norm, batch norm, R1), a multi-scale
-Glow (per-class base, ActNorm) and a conv CVAE.
+on labelled ``(x, y)`` batches: a conv GAN (projection discriminator, spectral norm, batch norm, R1), multi-scale
+RealNVP, Glow and NSF (the label in every coupling network and a per-class base, ActNorm) and a conv CVAE.
 
 Each run uses the callbacks the CLI adds to every fit (per-rank step seeds, buffers synced at the end); Lightning's
 "ddp" strategy relaunches this script once per extra rank and later fits reuse the processes. For each family every
@@ -18,13 +18,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_flows.callbacks import DistributedReplicas, PerStepSeed
-from lightning_flows.models import GAN, VAE, Glow
+from lightning_flows.models import GAN, NSF, VAE, Glow, RealNVP
 
 CLASSES = 10
 FAMILIES = {
     "gan": lambda: GAN((1, 8, 8), network="conv", base_channels=8, latent_dim=8, spectral_norm=True, r1_gamma=1.0,
                        num_classes=CLASSES),
     "glow": lambda: Glow((1, 8, 8), levels=2, steps=1, hidden=8, num_classes=CLASSES),
+    "nsf": lambda: NSF((1, 8, 8), levels=2, steps=1, hidden=8, spline_bins=4, num_classes=CLASSES),
+    "realnvp": lambda: RealNVP((1, 8, 8), levels=2, steps=1, hidden=8, num_classes=CLASSES),
     "vae": lambda: VAE((1, 8, 8), network="conv", base_channels=8, latent_dim=4, num_classes=CLASSES),
 }
 

@@ -1,5 +1,6 @@
 """The class-conditional digits configs of RealNVP, Glow, NSF, VAE and GAN (issue 14): each is its family's digits
-recipe plus ``data.conditional: true``, and fits through the CLI with ``num_classes`` linked from the DataModule."""
+recipe plus ``data.conditional: true`` (the flows also an EMA of the weights, measured at the conditional suite's
+budget: issue 21 item 5), and fits through the CLI with ``num_classes`` linked from the DataModule."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
     logger = conditional["trainer"].get("logger")
     if logger is not None:  # its own run name, otherwise the same logger
         assert logger["init_args"].pop("name") == plain["trainer"]["logger"]["init_args"].pop("name") + "_conditional"
+    if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
+        assert "callbacks" not in plain["trainer"]
+        assert conditional["trainer"].pop("callbacks") == [{"class_path": "lightning_flows.callbacks.EMACallback", "init_args": {"decay": 0.9999}}]
     assert conditional == plain
 
 

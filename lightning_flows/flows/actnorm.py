@@ -74,7 +74,7 @@ class ActNorm(Bijection):
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized = bool(self.initialized)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.training and not self._initialized:
             self._initialized = bool(self.initialized)  # e.g. copied in by an EMA swap or a DDP broadcast
             if not self._initialized:
@@ -83,7 +83,7 @@ class ActNorm(Bijection):
         pixels = x[0, 0].numel()  # H*W for images, 1 for vectors
         return z, (self.log_scale.sum() * pixels).expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return z * torch.exp(-self._view(self.log_scale, z)) - self._view(self.bias, z)
 
 

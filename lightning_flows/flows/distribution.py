@@ -4,12 +4,14 @@
 normalizing direction; see :mod:`lightning_flows.flows.base`). Sampling runs ``f^{-1}`` on base
 draws, optionally at a temperature ``T`` (``z ~ N(0, T^2 I)``, Glow's trick for cleaner samples).
 
-Class-conditional flows (issue 14) keep the bijection and make the *base* depend on the class:
-``p(x | y) = N(f(x); mu_y, diag sigma_y^2) |det df/dx|``, with a learned mean and log-scale per class for
-every latent coordinate (:class:`ClassConditionalNormal`). In a multi-scale flow the latent is the
-concatenation of every factored-out half and the final one, so *every* factored-out latent is conditioned.
-Because ``f`` does not see the label, ``f(x)`` is computed once and ``log p(x) = logsumexp_y [log p(x | y)
-+ log p(y)]`` costs only ``K`` base-density evaluations.
+Class-conditional flows (issues 14 and 21): the *base* depends on the class, ``p(x | y) = N(f_y(x); mu_y,
+diag sigma_y^2) |det df_y/dx|``, with a learned mean and log-scale per class for every latent coordinate
+(:class:`ClassConditionalNormal`; in a multi-scale flow every factored-out latent is conditioned), and, with
+``conditional_bijection``, so does the bijection: the one-hot label is the context of every coupling network
+(:mod:`lightning_flows.flows.coupling`). The marginal ``log p(x) = logsumexp_y [log p(x | y) + log p(y)]`` then
+needs the flow once per class: :meth:`NormalizingFlow.log_prob_every_class` runs the ``K`` classes as one batch
+of ``K * B`` rows (in chunks of at most :data:`MARGINAL_ROWS_PER_PASS` rows); with a label-blind bijection
+``f(x)`` is computed once and only the ``K`` base densities differ.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_flows.conditioning import log_uniform_prior
-from lightning_flows.flows.base import Bijection, flatten_sum
+from lightning_flows.conditioning import log_uniform_prior, one_hot
+from lightning_flows.flows.base import Bijection, flatten_sum, with_context
+
+# Rows of one pass of the per-class marginal (K copies of the batch): bounds its activation memory.
+MARGINAL_ROWS_PER_PASS = 4096
 
 
 class StandardNormal(nn.Module):
@@ -69,10 +74,6 @@ class ClassConditionalNormal(nn.Module):
         """``log p(z | y = k)`` for every class: ``z: (B, *shape)`` -> ``(B, K)`` nats."""
         return _diagonal_normal_log_prob(z.unsqueeze(1), self.loc, self.log_scale)
 
-    def marginal_log_prob(self, z: Tensor) -> Tensor:
-        """``log p(z) = logsumexp_k [log p(z | k) + log p(k)]``: ``(B, *shape)`` -> ``(B,)`` nats."""
-        return torch.logsumexp(self.log_prob_every_class(z), dim=1) + self.log_class_prior
-
     def sample(self, y: Tensor, temperature: float = 1.0) -> Tensor:
         """One draw per label ``y: (n,)``: ``z = mu_y + T sigma_y eps`` -> ``(n, *shape)``."""
         eps = torch.randn(y.shape[0], *self.shape, device=self.loc.device, dtype=self.loc.dtype)
@@ -92,45 +93,85 @@ class NormalizingFlow(nn.Module):
     one (:class:`ClassConditionalNormal`) when ``num_classes > 0``.
 
     Args:
-        bijection: the composed layers, ``(B, *shape) -> ((B, *shape), (B,))``.
+        bijection: the composed layers, ``(B, *shape) [, context (B, K)] -> ((B, *shape), (B,))``.
         shape: shape of one example.
         num_classes: ``K`` classes for ``p(x | y)`` (0: unconditional, a parameter-free standard normal base).
+        conditional_bijection: the bijection takes the one-hot label as its context (its couplings were built
+            with ``context_dim = K``); otherwise only the base depends on the class.
     """
 
-    def __init__(self, bijection: Bijection, shape: Sequence[int], num_classes: int = 0):
+    def __init__(self, bijection: Bijection, shape: Sequence[int], num_classes: int = 0,
+                 conditional_bijection: bool = False):
         super().__init__()
+        if conditional_bijection and not num_classes:
+            raise ValueError("a conditional bijection needs num_classes > 0.")
         self.bijection = bijection
         self.num_classes = num_classes
+        self.conditional_bijection = conditional_bijection
         self.base = ClassConditionalNormal(shape, num_classes) if num_classes else StandardNormal(shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x -> (z, log|det dz/dx|)``."""
-        return self.bijection(x)
+    def context(self, y: Tensor | None, like: Tensor) -> Tensor | None:
+        """The bijection's context for labels ``y: (B,)``: one-hot ``(B, K)``, or None for a label-blind one."""
+        if y is None or not self.conditional_bijection:
+            return None
+        return one_hot(y, self.num_classes, like)
 
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.bijection.inverse(z)
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x -> (z, log|det dz/dx|)``, given labels ``y: (B,)`` when the bijection is conditional."""
+        if self.conditional_bijection and y is None:
+            raise ValueError("this flow's bijection depends on the class: pass labels y, or use log_prob(x) for "
+                             "the marginal over classes.")
+        return with_context(self.bijection, "forward", x, self.context(y, x))
+
+    def inverse(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        return with_context(self.bijection, "inverse", z, self.context(y, z))
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``x: (B, *shape)`` -> ``(B,)`` exact log-density in nats: ``log p(x)``, or ``log p(x | y)`` for
         labels ``y: (B,)`` (conditional flows only; without them a conditional flow gives the marginal)."""
-        z, log_det = self.bijection(x)
-        return self.base_log_prob(z, y) + log_det
-
-    def base_log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """The base density of latents ``z``: ``log p(z | y)``, or ``log p(z)`` (marginal over classes when
-        the base is conditional) when ``y`` is None."""
         if not self.num_classes:
             if y is not None:
                 raise ValueError("this flow is unconditional (num_classes=0) and takes no class labels.")
-            return self.base.log_prob(z)
-        return self.base.marginal_log_prob(z) if y is None else self.base.log_prob(z, y)
+            z, log_det = self.bijection(x)
+            return self.base.log_prob(z) + log_det
+        if y is None:
+            return self.marginal_log_prob(x)
+        z, log_det = self(x, y)
+        return self.base.log_prob(z, y) + log_det
+
+    def log_prob_every_class(self, x: Tensor) -> Tensor:
+        """``log p(x | y = k)`` for every class: ``x: (B, *shape)`` -> ``(B, K)`` nats."""
+        if not self.num_classes:
+            raise ValueError("this flow is unconditional (num_classes=0): it has no per-class densities.")
+        if not self.conditional_bijection:  # one pass: only the base depends on the class
+            z, log_det = self.bijection(x)
+            return self.base.log_prob_every_class(z) + log_det[:, None]
+        b, k = x.shape[0], self.num_classes
+        classes_per_pass = max(1, MARGINAL_ROWS_PER_PASS // max(b, 1))
+        columns = []
+        for first in range(0, k, classes_per_pass):
+            classes = torch.arange(first, min(first + classes_per_pass, k), device=x.device)
+            # Class-major rows: copy j of the batch is scored as class classes[j].
+            labels = classes.repeat_interleave(b)
+            rows = x.expand(len(classes), *x.shape).reshape(-1, *x.shape[1:])
+            z, log_det = self(rows, labels)
+            columns.append((self.base.log_prob(z, labels) + log_det).view(len(classes), b).T)
+        return torch.cat(columns, dim=1)
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x) = logsumexp_k [log p(x | k) + log p(k)]``: ``(B, *shape)`` -> ``(B,)`` nats."""
+        return self.marginalise(self.log_prob_every_class(x))
+
+    def marginalise(self, every_class: Tensor) -> Tensor:
+        """``(B, K)`` per-class log-densities -> ``(B,)`` ``logsumexp_k [log p(x | k) + log p(k)]``."""
+        return torch.logsumexp(every_class, dim=1) + self.base.log_class_prior
 
     def sample(self, n: int, temperature: float = 1.0, y: Tensor | None = None) -> Tensor:
         """``n`` draws ``(n, *shape)``; a conditional flow draws class ``y[i]`` for row ``i`` (``y: (n,)``)."""
         if self.num_classes:
             if y is None or y.shape != (n,):
                 raise ValueError(f"a conditional flow samples one class per draw: pass labels y of shape ({n},).")
-            return self.bijection.inverse(self.base.sample(y, temperature))
+            return self.inverse(self.base.sample(y, temperature), y)
         ref = next(self.parameters())
         z = self.base.sample(n, temperature, device=ref.device, dtype=ref.dtype)
         return self.bijection.inverse(z)

@@ -62,11 +62,11 @@ class InvertibleConv1x1(Bijection):
     def _matmul_channels(matrix: Tensor, x: Tensor) -> Tensor:
         return (matrix @ x.movedim(1, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         pixels = x[0, 0].numel()
         return self._matmul_channels(self.matrix(), x), (self.log_s.sum() * pixels).expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self._matmul_channels(torch.linalg.inv(self.matrix()), z)
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 from torch import Tensor
 import torch
 
-from lightning_flows.flows.base import Bijection, zero_log_det
+from lightning_flows.flows.base import Bijection, with_context, zero_log_det
 
 
 class Squeeze(Bijection):
     """``(B, C, H, W) -> (B, 4C, H/2, W/2)``: each 2x2 patch becomes 4 channels; log-det 0."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if x.ndim != 4 or x.shape[2] % 2 or x.shape[3] % 2:
             raise ValueError(f"Squeeze needs (B, C, H, W) with even H and W, got {tuple(x.shape)}; "
                              f"use fewer multi-scale levels (each level halves H and W).")
@@ -27,7 +27,7 @@ class Squeeze(Bijection):
         x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
         return x.reshape(b, 4 * c, h // 2, w // 2), zero_log_det(x)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         b, c4, h, w = z.shape
         c = c4 // 4
         z = z.reshape(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
@@ -41,10 +41,10 @@ class Unsqueeze(Bijection):
         super().__init__()
         self.squeeze = Squeeze()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.squeeze.inverse(x), zero_log_det(x)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.squeeze(z)[0]
 
 
@@ -55,10 +55,10 @@ class Reshape(Bijection):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.reshape(x.shape[0], *self.out_shape), zero_log_det(x)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return z.reshape(z.shape[0], *self.in_shape)
 
 
@@ -74,14 +74,14 @@ class FactorOut(Bijection):
         super().__init__()
         self.inner, self.keep = inner, keep
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         kept, out = x[:, : self.keep], x[:, self.keep:]
-        z_kept, log_det = self.inner(kept)
+        z_kept, log_det = with_context(self.inner, "forward", kept, context)
         return torch.cat([z_kept, out], dim=1), log_det
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         z_kept, out = z[:, : self.keep], z[:, self.keep:]
-        return torch.cat([self.inner.inverse(z_kept), out], dim=1)
+        return torch.cat([with_context(self.inner, "inverse", z_kept, context), out], dim=1)
 
 
 __all__ = ["Squeeze", "Unsqueeze", "Reshape", "FactorOut"]

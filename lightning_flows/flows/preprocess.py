@@ -27,14 +27,14 @@ class LogitPreprocess(Bijection):
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}.")
         self.alpha = alpha
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = self.alpha + (1.0 - 2.0 * self.alpha) * (x + 1.0) / 2.0
         z = torch.log(p) - torch.log1p(-p)
         # d z / d x = (1 - 2 alpha) / 2 * 1 / (p (1 - p)), per coordinate.
         log_dz_dx = math.log((1.0 - 2.0 * self.alpha) / 2.0) - torch.log(p) - torch.log1p(-p)
         return z, flatten_sum(log_dz_dx)
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         p = torch.sigmoid(z)
         return 2.0 * (p - self.alpha) / (1.0 - 2.0 * self.alpha) - 1.0
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_flows.flows.base import Bijection
+from lightning_flows.flows.base import Bijection, with_context
 
 # Floors on the bins and slopes: keep the spline strictly monotone and its log-derivative finite.
 MIN_BIN_WIDTH = 1e-3
@@ -122,8 +122,9 @@ class SplineCoupling(Bijection):
 
     Args:
         mask: ``(*shape)`` of 0/1, 1 = kept (conditions the rest), 0 = transformed.
-        conditioner: maps ``(B, *shape)`` to ``(B, shape[0] * (3K - 1), *shape[1:])``: for every
-            channel (or vector coordinate) its ``K`` widths, ``K`` heights and ``K - 1`` slopes.
+        conditioner: maps ``(B, *shape)`` [and a context ``(B, C_ctx)``] to ``(B, shape[0] * (3K - 1),
+            *shape[1:])``: for every channel (or vector coordinate) its ``K`` widths, ``K`` heights and ``K - 1``
+            slopes.
             A zero-initialised last layer makes the layer the identity at start.
         bins: ``K``.
         bound: ``B``: the spline acts on ``[-B, B]``, the identity outside.
@@ -141,9 +142,10 @@ class SplineCoupling(Bijection):
         self.conditioner = conditioner
         self.bins, self.bound = bins, bound
 
-    def _transform(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _transform(self, x: Tensor, inverse: bool, context: Tensor | None) -> tuple[Tensor, Tensor]:
         b, per = x.shape[0], spline_params_per_dim(self.bins)
-        raw = self.conditioner(x * self.mask)
+        kept = x * self.mask
+        raw = with_context(self.conditioner, "forward", kept, context)
         # (B, C * per, *spatial) -> (B, C, *spatial, per) -> (B, D, per): the spline's parameters last.
         raw = raw.reshape(b, x.shape[1], per, *x.shape[2:]).movedim(2, -1).reshape(b, -1, per)
         raw = raw[:, self.free_index]
@@ -153,11 +155,11 @@ class SplineCoupling(Bijection):
                                                         self.bound, inverse)
         return flat.index_copy(1, self.free_index, out).reshape(x.shape), log_derivative.sum(dim=1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(x, inverse=False)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform(x, False, context)
 
-    def inverse(self, z: Tensor) -> Tensor:
-        return self._transform(z, inverse=True)[0]
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self._transform(z, True, context)[0]
 
 
 __all__ = ["SplineCoupling", "rational_quadratic_spline", "spline_params_per_dim"]

@@ -82,6 +82,8 @@ class Glow(GlowSteps):
         logit_alpha: the logit's boundary margin.
         num_classes: classes ``K`` of a class-conditional base over every latent (0: unconditional); linked from
             the DataModule by the CLI (``data.conditional: true``), never written in a config.
+        conditional_couplings: with ``num_classes > 0``, the one-hot label also enters every coupling network
+            (false: only the per-class base depends on the class, issue 14's design).
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -89,10 +91,12 @@ class Glow(GlowSteps):
                  coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8, spline_bound: float = 3.0,
                  learned_prior: bool = True, preprocess: str = "auto", logit_alpha: float = 0.05, lr: float = 1e-3,
                  weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0, num_classes: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0,
+                 conditional_couplings: bool = True):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = scale_bound, learned_prior
         self._set_coupling(coupling, spline_bins, spline_bound)
+        self.conditional_couplings = conditional_couplings
         self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)

@@ -37,6 +37,8 @@ class NSF(GlowSteps):
         logit_alpha: the logit's boundary margin.
         num_classes: classes ``K`` of a class-conditional base over every latent (0: unconditional); linked from
             the DataModule by the CLI (``data.conditional: true``), never written in a config.
+        conditional_couplings: with ``num_classes > 0``, the one-hot label also enters every coupling network
+            (false: only the per-class base depends on the class, issue 14's design).
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -44,11 +46,13 @@ class NSF(GlowSteps):
                  spline_bound: float = 3.0, actnorm: bool = True, invertible_linear: bool = True,
                  learned_prior: bool = True, preprocess: str = "auto",
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0, num_classes: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0,
+                 conditional_couplings: bool = True):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.learned_prior = 2.0, learned_prior  # scale_bound: the affine split prior's
         self.use_actnorm, self.use_invertible_linear = actnorm, invertible_linear
         self._set_coupling("spline", spline_bins, spline_bound)
+        self.conditional_couplings = conditional_couplings
         self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)

@@ -11,12 +11,16 @@ checkerboard couplings. ``levels`` counts the levels (each but the last halves H
 validation/test also log ``{stage}/nll`` (nats/example) and ``{stage}/bpd`` through the DataModule's
 shared bits/dim helper (no family computes its own).
 
-Class-conditional (``num_classes = K > 0``, issue 14): the base distribution is a Gaussian with a learned
-mean and log-scale per class over the *whole* latent (every factored-out half of a multi-scale flow and
+Class-conditional (``num_classes = K > 0``, issues 14 and 21): with ``conditional_couplings`` (the default) the
+one-hot label enters every coupling network (affine s/t, spline parameters, Glow's split prior), added to each of
+its hidden layers, so every layer's transformation depends on the class; under it sits a Gaussian base with a
+learned mean and log-scale per class over the *whole* latent (every factored-out half of a multi-scale flow and
 the final one), initialised to the standard normal, with the fixed uniform class prior ``p(y) = 1/K``
-(:class:`lightning_flows.flows.ClassConditionalNormal`). Training maximises the exact ``log p(x | y)``;
-``log_prob(x, y)`` is exact and ``log_prob(x)`` the exact marginal ``logsumexp_y [log p(x | y) + log p(y)]``,
-which is what ``{stage}/nll`` and ``{stage}/bpd`` report (comparable with unconditional models);
+(:class:`lightning_flows.flows.ClassConditionalNormal`). ``conditional_couplings=False`` keeps only the per-class
+base (issue 14's design; its samples follow their class far less often, see the conditional configs).
+Training maximises the exact ``log p(x | y)``; ``log_prob(x, y)`` is exact and ``log_prob(x)`` the exact marginal
+``logsumexp_y [log p(x | y) + log p(y)]`` (one flow pass per class, the ``K`` classes batched together), which is
+what ``{stage}/nll`` and ``{stage}/bpd`` report (comparable with unconditional models);
 ``{stage}/nll_given_class`` is ``-log p(x | y)``. ``sample(n, y)`` draws class ``y[i]`` for row ``i``.
 """
 
@@ -69,6 +73,7 @@ class ExactFlowModel(GenerativeModel):
     objective = "Exact MLE via change-of-vars"
     flow: NormalizingFlow
     num_classes: int = 0
+    conditional_couplings: bool = True
     hidden: int
     depth: int
     activation: str
@@ -87,10 +92,11 @@ class ExactFlowModel(GenerativeModel):
         for images ``(C, H, W)``. ``kind="affine"`` forces an affine coupling (e.g. Glow's split prior)."""
         kind = kind or self.coupling
         per = 2 if kind == "affine" else spline_params_per_dim(self.spline_bins)
+        context = self.num_classes if self._conditional_bijection else 0  # the one-hot label
         if mask.ndim == 1:
-            conditioner = MLPConditioner(mask.shape[0], self.hidden, self.depth, self.activation, per)
+            conditioner = MLPConditioner(mask.shape[0], self.hidden, self.depth, self.activation, per, context)
         else:
-            conditioner = ConvConditioner(mask.shape[0], self.hidden, self.depth - 1, self.activation, per)
+            conditioner = ConvConditioner(mask.shape[0], self.hidden, self.depth - 1, self.activation, per, context)
         if kind == "affine":
             return AffineCoupling(mask, conditioner, self.scale_bound)
         return SplineCoupling(mask, conditioner, self.spline_bins, self.spline_bound)
@@ -100,6 +106,8 @@ class ExactFlowModel(GenerativeModel):
         """Preprocessing, then the family's vector layers (flattened) or its multi-scale image levels, and the
         base: standard normal, or class-conditional for ``num_classes > 0``."""
         self.num_classes = check_num_classes(num_classes)
+        if not isinstance(self.conditional_couplings, bool):
+            raise ValueError(f"conditional_couplings must be true or false, got {self.conditional_couplings!r}.")
         if levels < 1 or steps < 1:
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}.")
         shape = self.data_shape
@@ -109,7 +117,12 @@ class ExactFlowModel(GenerativeModel):
             layers += flattened(shape, self._vector_layers(self.dim, steps))
         else:
             layers.append(self._level(shape, levels, steps))
-        self.flow = NormalizingFlow(FlowSequence(layers), shape, self.num_classes)
+        self.flow = NormalizingFlow(FlowSequence(layers), shape, self.num_classes, self._conditional_bijection)
+
+    @property
+    def _conditional_bijection(self) -> bool:
+        """The couplings read the label (a conditional model with ``conditional_couplings``)."""
+        return bool(self.num_classes) and self.conditional_couplings
 
     def _vector_layers(self, dim: int, steps: int) -> list[Bijection]:
         raise NotImplementedError
@@ -145,15 +158,22 @@ class ExactFlowModel(GenerativeModel):
         x, y = split_batch(batch)
         self._check_input(x)
         y = require_labels(type(self).__name__, self.num_classes, y, x.shape[0])
-        z, log_det = self.flow(x)
-        nll = -(self.flow.base_log_prob(z, y) + log_det)  # the objective: -log p(x), or -log p(x | y)
+        if stage != "train" and y is not None:
+            # Every class's log p(x | k) once: the objective -log p(x | y) and the marginal -log p(x), which is
+            # what nll/bpd report (comparable with unconditional models).
+            every_class = self.flow.log_prob_every_class(x)
+            nll = -every_class.gather(1, y[:, None]).squeeze(1)
+            marginal = -self.flow.marginalise(every_class)
+        else:
+            nll = -self.flow.log_prob(x, y)  # the objective: -log p(x), or -log p(x | y)
+            marginal = nll
         loss = nll.mean() / self.dim
         size = x.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage == "train", sync_dist=stage != "train", batch_size=size)
         if stage != "train":
-            if y is not None:  # report the marginal -log p(x) as nll/bpd, comparable with unconditional models
+            if y is not None:
                 self.log(f"{stage}/nll_given_class", nll.mean(), sync_dist=True, batch_size=size)
-                nll = -(self.flow.base_log_prob(z) + log_det)
+            nll = marginal
             self.log(f"{stage}/nll", nll.mean(), sync_dist=True, batch_size=size)
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None and hasattr(datamodule, "bits_per_dim"):
@@ -179,6 +199,8 @@ class RealNVP(ExactFlowModel):
         logit_alpha: the logit's boundary margin.
         num_classes: classes ``K`` of a class-conditional base (0: unconditional); linked from the DataModule by
             the CLI (``data.conditional: true``), never written in a config.
+        conditional_couplings: with ``num_classes > 0``, the one-hot label also enters every coupling network
+            (false: only the per-class base depends on the class, issue 14's design).
     """
 
     def __init__(self, data_shape: Sequence[int] = (2,), architecture: str = "auto", levels: int = 2,
@@ -186,12 +208,14 @@ class RealNVP(ExactFlowModel):
                  coupling: str = "affine", scale_bound: float = 2.0, spline_bins: int = 8,
                  spline_bound: float = 3.0, actnorm: bool = True, preprocess: str = "auto",
                  logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0, lr_schedule: str = "constant",
-                 warmup_steps: int = 0, num_classes: int = 0):
+                 warmup_steps: int = 0, num_classes: int = 0,
+                 conditional_couplings: bool = True):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.hidden, self.depth, self.activation = hidden, depth, activation
         self.scale_bound, self.use_actnorm = scale_bound, actnorm
         self._set_coupling(coupling, spline_bins, spline_bound)
+        self.conditional_couplings = conditional_couplings
         self._build_flow(architecture, preprocess, logit_alpha, levels, steps, num_classes)
 
     def _coupling(self, mask: Tensor) -> list[Bijection]:
