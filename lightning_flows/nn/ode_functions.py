@@ -63,10 +63,12 @@ def make_field_activation(name: str) -> nn.Module:
     return FastSoftplus() if name == "softplus" else make_activation(name)
 
 
-# The slope of each activation the closed-form Jacobian supports, from its pre-activation and output.
+# The slope act'(pre) of each field activation (the closed-form Jacobian's), from its pre-activation and output.
 _SLOPES = {
     "softplus": lambda pre, out: torch.sigmoid(pre),
     "tanh": lambda pre, out: 1 - out * out,
+    "silu": lambda pre, out: torch.sigmoid(pre) * (1 + pre * (1 - torch.sigmoid(pre))),
+    "relu": lambda pre, out: (pre > 0).to(pre.dtype),
 }
 
 
@@ -128,18 +130,21 @@ class ConcatSquashMLP(nn.Module):
         return h.reshape(x.shape)
 
     def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
-                                chunk_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``f(x, t)``, the exact ``Tr(df/dx)`` and (``frobenius``) ``||df/dx||_F^2`` per example, in closed form.
+                                chunk_size: int | None = None,
+                                probe: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``f(x, t)``, ``Tr(df/dx)`` and (``frobenius``) ``||df/dx||_F^2`` per example, in closed form.
 
-        ``x: (B, *shape)`` -> ``((B, *shape), (B,), (B,) or None)``: the same values as
-        :func:`lightning_flows.ode.exact_divergence`. Forward-mode differentiation by hand: the tangents
-        ``T = dh/dx``, ``(B, D, width)``, go through each layer as ``T <- (T W^T) * gate * act'(pre)``, plain
-        batched products that first-order autograd differentiates for training. ``chunk_size`` bounds how
-        many of the ``D`` columns are carried at once (memory ``~ B * chunk_size * width``).
+        ``x: (B, *shape)`` -> ``((B, *shape), (B,), (B,) or None)``. Forward-mode differentiation by hand: tangents
+        ``T = dh/dx``, ``(B, k, width)``, go through each layer as ``T <- (T W^T) * gate * act'(pre)``, plain
+        batched products that first-order autograd differentiates for training (the torch.func trace's training
+        gradient is a double backward).
+
+        * Without ``probe``: exact, the same values as :func:`lightning_flows.ode.exact_divergence`; the ``D``
+          columns of the Jacobian are carried ``chunk_size`` at a time (memory ``~ B * chunk_size * width``).
+        * With ``probe`` ``v: (B, *shape)``: Hutchinson's unbiased ``v^T J v`` and ``||J v||^2`` from one tangent
+          (:func:`lightning_flows.ode.hutchinson_divergence` computes ``v^T J`` instead: the same trace estimate,
+          and an equally unbiased Frobenius estimate).
         """
-        if self.activation not in _SLOPES:
-            raise ValueError(f"The closed-form divergence supports activations {', '.join(_SLOPES)}, not "
-                             f"'{self.activation}'; use lightning_flows.ode.exact_divergence.")
         t = self._time(t, x)
         batch, dim = x.shape[0], x[0].numel()
         h = x.reshape(batch, dim)
@@ -153,20 +158,26 @@ class ConcatSquashMLP(nn.Module):
                 slopes.append(_SLOPES[self.activation](pre, h)[:, None, :])
             else:
                 h = pre
+
+        def push(tangents: Tensor) -> Tensor:  # d(first pre-activation)/dx along k directions -> df/dx along them
+            tangents = tangents * gates[0]
+            for layer, gate, slope in zip(self.layers[1:], gates[1:], slopes):
+                tangents = (tangents * slope) @ layer.linear.weight.t() * gate
+            return tangents.expand(batch, *tangents.shape[-2:])  # (B, k, D); one layer: the same for every example
+
+        if probe is not None:
+            v = probe.reshape(batch, 1, dim)
+            jv = push(v @ self.layers[0].linear.weight.t())[:, 0]  # (B, D)
+            return h.reshape(x.shape), (jv * v[:, 0]).sum(1), jv.pow(2).sum(1) if frobenius else None
         chunk = dim if chunk_size is None else max(1, min(int(chunk_size), dim))
         divergence = x.new_zeros(batch)
         fro = x.new_zeros(batch) if frobenius else None
         for start in range(0, dim, chunk):
             columns = torch.arange(start, min(start + chunk, dim), device=x.device)
-            # d(first pre-activation)/dx_j for the chunk's columns j: rows of W^T, (c, width), gated.
-            tangents = self.layers[0].linear.weight.t()[columns] * gates[0]
-            for layer, gate, slope in zip(self.layers[1:], gates[1:], slopes):
-                tangents = (tangents * slope) @ layer.linear.weight.t() * gate  # (B, c, width)
-            if tangents.ndim == 2:  # a single linear layer: the Jacobian is the same for every example
-                tangents = tangents.expand(batch, *tangents.shape)
-            divergence = divergence + tangents[:, torch.arange(len(columns), device=x.device), columns].sum(1)
+            jac_columns = push(self.layers[0].linear.weight.t()[columns])  # (B, c, D): df/dx_j for the chunk's j
+            divergence = divergence + jac_columns[:, torch.arange(len(columns), device=x.device), columns].sum(1)
             if fro is not None:
-                fro = fro + tangents.pow(2).sum(dim=(1, 2))
+                fro = fro + jac_columns.pow(2).sum(dim=(1, 2))
         return h.reshape(x.shape), divergence, fro
 
 
