@@ -169,3 +169,18 @@ def test_cnf_normalizer_starts_at_the_data_gaussian_and_stays_a_density():
     _perturb(model.field, 0.3)
     model.test_solver = SolverConfig("dopri5", rtol=1e-6, atol=1e-6)
     assert abs(_grid_mass(model.double().log_prob, half_width=9.0, n=61) - 1.0) < 0.005
+
+
+def test_cnf_likelihood_solver_is_its_test_solver():
+    """``likelihood_solver`` (the name flow matching and diffusion use, read and set by
+    experiments/benchmarks/likelihood_tolerance.py) is the CNF's test solver: setting it changes ``log_prob``."""
+    torch.manual_seed(0)
+    model = CNF((2,), hidden=8, depth=1)
+    _perturb(model.field, 0.5)
+    assert model.likelihood_solver is model.test_solver
+    x = torch.randn(5, 2)
+    model.likelihood_solver = {"method": "euler", "steps": 1}
+    assert model.test_solver == SolverConfig("euler", steps=1)
+    one_euler_step = model.log_prob(x)
+    torch.testing.assert_close(one_euler_step, model.log_prob(x, solver=SolverConfig("euler", steps=1)))
+    assert not torch.allclose(one_euler_step, model.log_prob(x, solver=SolverConfig("rk4", steps=8)))

@@ -125,6 +125,16 @@ class CNF(GenerativeModel):
             self.log(name, value)
 
     @property
+    def likelihood_solver(self) -> SolverConfig:
+        """The exact likelihood's solver (``test_solver``) under the name flow matching and diffusion give theirs, so
+        tools that vary it (experiments/benchmarks/likelihood_tolerance.py) treat every ODE family alike."""
+        return self.test_solver
+
+    @likelihood_solver.setter
+    def likelihood_solver(self, solver: SolverConfig | dict) -> None:
+        self.test_solver = as_solver_config(solver)
+
+    @property
     def likelihood_kind(self) -> str:
         return "estimate" if self.test_divergence == "hutchinson" else "exact"
 
