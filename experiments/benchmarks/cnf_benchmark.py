@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n## 2. Exact divergence at D=64, forward + backward to the parameters (as in training), "
           "ConcatSquashMLP depth 3")
-    print("| hidden | batch | closed form (ms) | torch.func (ms) | Python loop over D (ms) | closed-form speed-up over func | "
-          "func speed-up over loop | max abs difference |")
+    print("| hidden | batch | closed form (ms) | torch.func (ms) | Python loop over D (ms) | "
+          "closed-form speed-up over func | func speed-up over loop | max abs difference |")
     print("|---|---|---|---|---|---|---|---|")
     for hidden, batch in ((16, 4),) if opts.tiny else ((64, 16), (64, 128), (256, 128)):
         r = trace_speed(hidden, batch, repeats=1 if opts.tiny else 10)
