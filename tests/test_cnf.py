@@ -142,3 +142,45 @@ def test_cnf_in_logit_space_is_a_density_in_model_space_and_samples_back_in_rang
     samples = model.sample(64, solver=SolverConfig("rk4", steps=2))
     assert samples.shape == (64, 1, 2, 2) and samples.min() > -1 and samples.max() < 1
     assert CNF((1, 2, 2), field="mlp", hidden=8, depth=1).preprocess is None  # off unless asked for
+
+
+def test_cnf_normalizer_starts_at_the_data_gaussian_and_stays_a_density():
+    """``normalize: true`` puts an ActNorm (data-initialised per-dimension affine) between the data and the ODE.
+    With the field at zero the flow is then exactly the per-dimension Gaussian of the first training batch:
+    closed form ``log N(x; mean, std^2)``; sampling inverts the same map; with a non-zero field the model is
+    still a normalised density."""
+    torch.manual_seed(0)
+    mean, std = torch.tensor([1.0, -1.0]), torch.tensor([1.5, 0.7])
+    data = mean + std * torch.randn(4096, 2)
+    model = CNF((2,), hidden=16, depth=2, normalize=True, test_solver=SolverConfig("rk4", steps=4),
+                sampler=SolverConfig("rk4", steps=4))
+    for p in model.field.parameters():
+        torch.nn.init.zeros_(p)
+    model.train()
+    model.training_loss(data)  # the first training batch initialises the normalizer
+    model.eval()
+    batch_mean, batch_std = data.mean(0), data.std(0, unbiased=False)
+    x = torch.randn(7, 2) * 2
+    expected = torch.distributions.Normal(batch_mean, batch_std).log_prob(x).sum(1)
+    torch.testing.assert_close(model.log_prob(x), expected, rtol=1e-4, atol=1e-4)
+    samples = model.sample(20_000)
+    torch.testing.assert_close(samples.mean(0), batch_mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(samples.std(0), batch_std, atol=0.05, rtol=0)
+    _perturb(model.field, 0.3)
+    model.test_solver = SolverConfig("dopri5", rtol=1e-6, atol=1e-6)
+    assert abs(_grid_mass(model.double().log_prob, half_width=9.0, n=61) - 1.0) < 0.005
+
+
+def test_cnf_likelihood_solver_is_its_test_solver():
+    """``likelihood_solver`` (the name flow matching and diffusion use, read and set by
+    experiments/benchmarks/likelihood_tolerance.py) is the CNF's test solver: setting it changes ``log_prob``."""
+    torch.manual_seed(0)
+    model = CNF((2,), hidden=8, depth=1)
+    _perturb(model.field, 0.5)
+    assert model.likelihood_solver is model.test_solver
+    x = torch.randn(5, 2)
+    model.likelihood_solver = {"method": "euler", "steps": 1}
+    assert model.test_solver == SolverConfig("euler", steps=1)
+    one_euler_step = model.log_prob(x)
+    torch.testing.assert_close(one_euler_step, model.log_prob(x, solver=SolverConfig("euler", steps=1)))
+    assert not torch.allclose(one_euler_step, model.log_prob(x, solver=SolverConfig("rk4", steps=8)))

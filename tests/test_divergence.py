@@ -92,3 +92,81 @@ def test_exact_divergence_is_differentiable_in_parameters():
             assert g is None or torch.count_nonzero(g) == 0
         else:
             torch.testing.assert_close(g, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["softplus", "tanh", "silu"])
+@pytest.mark.parametrize("depth", [0, 2])
+@pytest.mark.parametrize("per_example_time", [False, True])
+def test_concat_squash_closed_form_divergence_equals_the_autograd_jacobian(activation, depth, per_example_time):
+    """ConcatSquashMLP's forward-mode Jacobian (what the CNF trains and evaluates with) gives exactly the values and
+    the parameter gradients of the torch.func trace and the brute-force Jacobian, with or without column chunks."""
+    torch.manual_seed(0)
+    net = ConcatSquashMLP((3,), hidden=8, depth=depth, activation=activation).double()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.7)  # non-trivial gates, shifts and curvature
+    z = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64) if per_example_time else torch.tensor(0.3, dtype=torch.float64)
+    ref_out, ref_div, ref_fro = exact_divergence(lambda x: net(x, t), z, frobenius=True)
+    _, brute = brute_force_divergence(lambda x: net(x, t), z)
+    torch.testing.assert_close(ref_div, brute, atol=1e-10, rtol=0)
+    ref_grads = torch.autograd.grad((ref_div + ref_fro).sum(), list(net.parameters()), allow_unused=True)
+    for chunk in (None, 2):
+        out, div, fro = net.velocity_and_divergence(z, t, frobenius=True, chunk_size=chunk)
+        torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+        torch.testing.assert_close(div, ref_div, atol=1e-12, rtol=0)
+        torch.testing.assert_close(fro, ref_fro, atol=1e-12, rtol=0)
+        grads = torch.autograd.grad((div + fro).sum(), list(net.parameters()), allow_unused=True)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(torch.zeros(()) if g is None else g, torch.zeros(()) if ref is None else ref,
+                                       atol=1e-12, rtol=0)
+    assert net.velocity_and_divergence(z, t)[2] is None
+    # With a probe v: Hutchinson's v^T J v and ||J v||^2, against the brute-force Jacobian.
+    v = sample_probe(z, "rademacher", torch.Generator().manual_seed(1))
+    times = t.expand(len(z))
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda q, s=s: net(q[None], s)[0], x)
+                       for x, s in zip(z, times)])
+    jv = torch.einsum("bij,bj->bi", jac, v)
+    out, est, fro = net.velocity_and_divergence(z, t, frobenius=True, probe=v)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(est, (jv * v).sum(1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(fro, jv.pow(2).sum(1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_cnf_dynamics_use_the_closed_form_and_keep_the_likelihood(divergence):
+    """The augmented dynamics take the field's closed-form trace when it has one: the same log-likelihood as the
+    torch.func trace (Hutchinson: the same estimate for the same probe), and the closed form is what runs."""
+    from lightning_flows.ode import SolverConfig, ode_log_likelihood
+
+    torch.manual_seed(0)
+    net = ConcatSquashMLP((2,), hidden=8, depth=2).double()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    solver = SolverConfig("rk4", steps=4)
+    calls = []
+    closed_form = net.velocity_and_divergence
+    net.velocity_and_divergence = lambda *a, **k: calls.append(1) or closed_form(*a, **k)
+    kwargs = dict(divergence=divergence, kinetic_energy=True, jacobian_frobenius=divergence == "exact")
+    fast = ode_log_likelihood(net, x, solver, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert len(calls) == 16  # 4 rk4 steps x 4 evaluations
+
+    def generic(z, t):  # the same field without the closed form: the torch.func trace
+        return net(z, t)
+
+    ref = ode_log_likelihood(generic, x, solver, generator=torch.Generator().manual_seed(3), **kwargs)
+    torch.testing.assert_close(fast.log_prob, ref.log_prob, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast.kinetic_energy, ref.kinetic_energy, atol=1e-12, rtol=0)
+    if divergence == "exact":
+        torch.testing.assert_close(fast.jacobian_frobenius, ref.jacobian_frobenius, atol=1e-12, rtol=0)
+
+
+def test_fast_softplus_is_softplus_with_its_derivatives():
+    from lightning_flows.nn.ode_functions import FastSoftplus
+
+    x = torch.linspace(-120, 120, 20001, dtype=torch.float64, requires_grad=True)
+    y = FastSoftplus()(x)
+    torch.testing.assert_close(y, torch.logaddexp(x, torch.zeros(())), atol=1e-12, rtol=0)  # log(1 + e^x)
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    torch.testing.assert_close(grad, torch.sigmoid(x), atol=1e-12, rtol=0)
+    (second,) = torch.autograd.grad(grad.sum(), x)  # double backward (the torch.func trace's training gradient)
+    torch.testing.assert_close(second, torch.sigmoid(x) * (1 - torch.sigmoid(x)), atol=1e-12, rtol=0)
+    assert torch.isfinite(FastSoftplus()(torch.tensor([-1e4, 1e4]))).all()

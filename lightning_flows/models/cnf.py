@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel
 from lightning_flows.nn.ode_functions import ConcatConvField, ConcatSquashMLP
@@ -56,6 +57,9 @@ class CNF(GenerativeModel):
         trace_chunk_size: bound on simultaneous Jacobian products of the exact trace (memory).
         preprocess: ``none``, ``logit`` (FFJORD on images: the ODE runs in logit space; its log-det is part
             of ``log_prob``) or ``auto`` (logit for images); ``logit_alpha`` keeps the edges finite.
+        normalize: put an ActNorm (per-dimension affine, initialised from the first training batch to zero
+            mean and unit variance, then learned) between the data (after ``preprocess``) and the ODE, so the
+            field need not spend its flow on the data's scale; its log-det joins ``log_prob``.
     """
 
     likelihood = "exact"
@@ -67,7 +71,7 @@ class CNF(GenerativeModel):
                  sampler: SolverConfig | dict | None = None, train_divergence: str = "exact",
                  test_divergence: str = "exact", probe: str = "rademacher", kinetic_weight: float = 0.0,
                  jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, preprocess: str = "none",
-                 logit_alpha: float = 0.05, lr: float = 1e-3, weight_decay: float = 0.0,
+                 logit_alpha: float = 0.05, normalize: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
                  lr_schedule: str = "constant", warmup_steps: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
@@ -90,6 +94,7 @@ class CNF(GenerativeModel):
         # FFJORD models images in logit space (as RealNVP does): the ODE runs on z = logit(x); the
         # preprocessing's log-det joins log p, so log_prob stays a density in model space.
         (self.preprocess,) = preprocessing_layers(preprocess, self.data_shape, logit_alpha) or (None,)
+        self.normalizer = ActNorm(self.dim) if normalize else None
         self.last_log_prob_nfe: int | None = None
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -120,6 +125,16 @@ class CNF(GenerativeModel):
             self.log(name, value)
 
     @property
+    def likelihood_solver(self) -> SolverConfig:
+        """The exact likelihood's solver (``test_solver``) under the name flow matching and diffusion give theirs, so
+        tools that vary it (experiments/benchmarks/likelihood_tolerance.py) treat every ODE family alike."""
+        return self.test_solver
+
+    @likelihood_solver.setter
+    def likelihood_solver(self, solver: SolverConfig | dict) -> None:
+        self.test_solver = as_solver_config(solver)
+
+    @property
     def likelihood_kind(self) -> str:
         return "estimate" if self.test_divergence == "hutchinson" else "exact"
 
@@ -138,11 +153,18 @@ class CNF(GenerativeModel):
         z0 = torch.randn(n, *self.data_shape, device=self.device)
         solution = integrate(self.field, z0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
-        return solution.states if self.preprocess is None else self.preprocess.inverse(solution.states)
+        z = solution.states
+        if self.normalizer is not None:
+            z = self.normalizer.inverse(z.flatten(1)).reshape(z.shape)
+        return z if self.preprocess is None else self.preprocess.inverse(z)
 
     def _to_ode_space(self, x: Tensor) -> tuple[Tensor, Tensor | float]:
         """Model space -> the ODE's space and ``log|det dz/dx|`` per example ``(B,)`` (0 without preprocessing)."""
-        return (x, 0.0) if self.preprocess is None else self.preprocess(x)
+        z, log_det = (x, 0.0) if self.preprocess is None else self.preprocess(x)
+        if self.normalizer is not None:
+            flat, normalizer_log_det = self.normalizer(z.flatten(1))
+            z, log_det = flat.reshape(z.shape), log_det + normalizer_log_det
+        return z, log_det
 
     def sampling_ode(self):
         return self.field, 0.0, 1.0  # in the ODE's space (logit space with `preprocess: logit`)

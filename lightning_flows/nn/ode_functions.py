@@ -7,7 +7,10 @@ NFE) and use smooth activations (softplus / tanh; the exact trace differentiates
 so ReLU's zero second derivative would also starve the likelihood gradient).
 
 * :class:`ConcatSquashMLP` for vectors ``(B, D)`` (FFJORD's concat-squash layer:
-  ``h' = (W h + b) * sigmoid(a(t)) + c(t)``: time gates and shifts every layer).
+  ``h' = (W h + b) * sigmoid(a(t)) + c(t)``: time gates and shifts every layer). It also gives its exact
+  Jacobian trace in closed form (:meth:`ConcatSquashMLP.velocity_and_divergence`): the ``D`` Jacobian
+  columns pushed forward through the layers with plain matrix products, several times cheaper than
+  ``torch.func``'s batched vector-Jacobian products, whose training gradient is a double backward.
 * :class:`ConcatConvField` for images ``(B, C, H, W)``: 3x3 convolutions with ``t`` appended as a
   constant input channel at every layer; no normalisation layers, so examples stay independent
   (the exact trace relies on that).
@@ -24,8 +27,57 @@ from lightning_flows.nn.mlp import make_activation
 from lightning_flows.nn.time_embedding import broadcast_time
 
 
+class FastSoftplus(nn.Module):
+    """``softplus(x) = log(1 + e^x)`` as ``max(x, 0) + log(1 + e^{-|x|})``, derivative ``sigmoid(x)``.
+
+    ``log(1 + e^x)`` to float precision and finite everywhere (``nn.Softplus`` returns ``x`` above 20). Written
+    with ``log`` because this CPU build's ``log1p`` (which ``F.softplus`` uses) costs ~7x ``log`` (measured on a
+    (512, 64) batch: ~0.9 ms vs ~0.27 ms), and the CNF fields evaluate it in every layer of every ODE step.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Softplus.apply(x)
+
+
+class _Softplus(torch.autograd.Function):
+    # The backward is written in differentiable ops, so double backward (the exact trace's training gradient
+    # via torch.func) works; generate_vmap_rule lets torch.func batch it.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clamp_min(0) + torch.log(1 + torch.exp(-x.abs()))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+def make_field_activation(name: str) -> nn.Module:
+    """The activations of the CNF fields: ``softplus`` is :class:`FastSoftplus`; others as ``make_activation``."""
+    return FastSoftplus() if name == "softplus" else make_activation(name)
+
+
+# The slope act'(pre) of each field activation (the closed-form Jacobian's), from its pre-activation and output.
+_SLOPES = {
+    "softplus": lambda pre, out: torch.sigmoid(pre),
+    "tanh": lambda pre, out: 1 - out * out,
+    "silu": lambda pre, out: torch.sigmoid(pre) * (1 + pre * (1 - torch.sigmoid(pre))),
+    "relu": lambda pre, out: (pre > 0).to(pre.dtype),
+}
+
+
 class ConcatSquashLinear(nn.Module):
-    """``(W x + b) * sigmoid(g t + g0) + (s t)``: ``x: (B, in)``, ``t: (B,)`` -> ``(B, out)``."""
+    """``(W x + b) * sigmoid(g t + g0) + (s t)``: ``x: (B, in)``, ``t``: ``()`` or ``(B,)`` -> ``(B, out)``.
+
+    A scalar ``t`` (one time for the whole batch, as in every ODE solve) computes the gate and shift once,
+    ``(out,)``, instead of once per example.
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -33,9 +85,14 @@ class ConcatSquashLinear(nn.Module):
         self.gate = nn.Linear(1, out_features)
         self.shift = nn.Linear(1, out_features, bias=False)
 
+    def gate_and_shift(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``sigmoid(g t + g0)`` and ``s t``: ``(out,)`` for a scalar ``t``, ``(B, out)`` for ``t: (B,)``."""
+        t = t[..., None]
+        return torch.sigmoid(self.gate.weight[:, 0] * t + self.gate.bias), self.shift.weight[:, 0] * t
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        t = t[:, None]
-        return self.linear(x) * torch.sigmoid(self.gate(t)) + self.shift(t)
+        gate, shift = self.gate_and_shift(t)
+        return self.linear(x) * gate + shift
 
 
 class ConcatSquashMLP(nn.Module):
@@ -54,16 +111,74 @@ class ConcatSquashMLP(nn.Module):
             dim *= s
         widths = [dim] + [hidden] * depth + [dim]
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = make_activation(activation)
+        self.activation = activation
+        self.act = make_field_activation(activation)
+
+    @staticmethod
+    def _time(t: Tensor | float, x: Tensor) -> Tensor:
+        """``()`` for one time shared by the batch (every ODE solve), else ``(B,)``."""
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
+        return t.reshape(()) if t.numel() == 1 else broadcast_time(t, x.shape[0], x)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = broadcast_time(t, x.shape[0], x)
+        t = self._time(t, x)
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
             h = layer(h, t)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h.reshape(x.shape)
+
+    def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
+                                chunk_size: int | None = None,
+                                probe: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``f(x, t)``, ``Tr(df/dx)`` and (``frobenius``) ``||df/dx||_F^2`` per example, in closed form.
+
+        ``x: (B, *shape)`` -> ``((B, *shape), (B,), (B,) or None)``. Forward-mode differentiation by hand: tangents
+        ``T = dh/dx``, ``(B, k, width)``, go through each layer as ``T <- (T W^T) * gate * act'(pre)``, plain
+        batched products that first-order autograd differentiates for training (the torch.func trace's training
+        gradient is a double backward).
+
+        * Without ``probe``: exact, the same values as :func:`lightning_flows.ode.exact_divergence`; the ``D``
+          columns of the Jacobian are carried ``chunk_size`` at a time (memory ``~ B * chunk_size * width``).
+        * With ``probe`` ``v: (B, *shape)``: Hutchinson's unbiased ``v^T J v`` and ``||J v||^2`` from one tangent
+          (:func:`lightning_flows.ode.hutchinson_divergence` computes ``v^T J`` instead: the same trace estimate,
+          and an equally unbiased Frobenius estimate).
+        """
+        t = self._time(t, x)
+        batch, dim = x.shape[0], x[0].numel()
+        h = x.reshape(batch, dim)
+        gates, slopes = [], []
+        for i, layer in enumerate(self.layers):
+            gate, shift = layer.gate_and_shift(t)
+            pre = layer.linear(h) * gate + shift
+            gates.append(gate if gate.ndim == 1 else gate[:, None, :])  # broadcast over the tangents
+            if i < len(self.layers) - 1:
+                h = self.act(pre)
+                slopes.append(_SLOPES[self.activation](pre, h)[:, None, :])
+            else:
+                h = pre
+
+        def push(tangents: Tensor) -> Tensor:  # d(first pre-activation)/dx along k directions -> df/dx along them
+            tangents = tangents * gates[0]
+            for layer, gate, slope in zip(self.layers[1:], gates[1:], slopes):
+                tangents = (tangents * slope) @ layer.linear.weight.t() * gate
+            return tangents.expand(batch, *tangents.shape[-2:])  # (B, k, D); one layer: the same for every example
+
+        if probe is not None:
+            v = probe.reshape(batch, 1, dim)
+            jv = push(v @ self.layers[0].linear.weight.t())[:, 0]  # (B, D)
+            return h.reshape(x.shape), (jv * v[:, 0]).sum(1), jv.pow(2).sum(1) if frobenius else None
+        chunk = dim if chunk_size is None else max(1, min(int(chunk_size), dim))
+        divergence = x.new_zeros(batch)
+        fro = x.new_zeros(batch) if frobenius else None
+        for start in range(0, dim, chunk):
+            columns = torch.arange(start, min(start + chunk, dim), device=x.device)
+            jac_columns = push(self.layers[0].linear.weight.t()[columns])  # (B, c, D): df/dx_j for the chunk's j
+            divergence = divergence + jac_columns[:, torch.arange(len(columns), device=x.device), columns].sum(1)
+            if fro is not None:
+                fro = fro + jac_columns.pow(2).sum(dim=(1, 2))
+        return h.reshape(x.shape), divergence, fro
 
 
 class ConcatConvField(nn.Module):
@@ -81,7 +196,7 @@ class ConcatConvField(nn.Module):
         c = data_shape[0]
         widths = [c] + [channels] * depth + [c]
         self.convs = nn.ModuleList(nn.Conv2d(a + 1, b, 3, padding=1) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = make_activation(activation)
+        self.act = make_field_activation(activation)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         t = broadcast_time(t, x.shape[0], x)

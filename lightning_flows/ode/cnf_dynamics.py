@@ -28,7 +28,9 @@ class AugmentedDynamics(nn.Module):
     Args:
         velocity: ``f(x, t)``, ``x: (B, *shape)`` -> same shape; an ``nn.Module`` (its parameters then
             belong to this module, which the adjoint method needs) or any callable.
-        divergence: ``exact`` (torch.func Jacobian trace) or ``hutchinson`` (needs :attr:`probe`).
+        divergence: ``exact`` (torch.func Jacobian trace) or ``hutchinson`` (needs :attr:`probe`). A velocity
+            with a ``velocity_and_divergence(z, t, frobenius, chunk_size, probe=None)`` method (the closed form
+            of :class:`lightning_flows.nn.ode_functions.ConcatSquashMLP`) computes either itself.
         kinetic_energy, jacobian_frobenius: append the RNODE accumulators ``E`` / ``F`` to the state.
         chunk_size: passed to :func:`exact_divergence` to bound its memory.
 
@@ -53,12 +55,17 @@ class AugmentedDynamics(nn.Module):
         def field_at_t(z_: Tensor) -> Tensor:
             return self.velocity(z_, t)
 
-        if self.divergence == "exact":
+        if self.divergence == "hutchinson" and (self.probe is None or self.probe.shape != z.shape):
+            raise RuntimeError("Hutchinson divergence needs a probe shaped like the state; set "
+                               "AugmentedDynamics.probe (e.g. with sample_probe) before solving.")
+        if hasattr(self.velocity, "velocity_and_divergence"):
+            # A field that knows its own Jacobian in closed form (ConcatSquashMLP): same quantities, far cheaper.
+            probe = self.probe if self.divergence == "hutchinson" else None
+            dz, div, fro = self.velocity.velocity_and_divergence(z, t, self.jacobian_frobenius, self.chunk_size,
+                                                                 probe=probe)
+        elif self.divergence == "exact":
             dz, div, fro = exact_divergence(field_at_t, z, self.jacobian_frobenius, self.chunk_size)
         else:
-            if self.probe is None or self.probe.shape != z.shape:
-                raise RuntimeError("Hutchinson divergence needs a probe shaped like the state; set "
-                                   "AugmentedDynamics.probe (e.g. with sample_probe) before solving.")
             dz, div, fro = hutchinson_divergence(field_at_t, z, self.probe, self.jacobian_frobenius)
         derivatives = [dz, -div]
         if self.kinetic_energy:
