@@ -1,0 +1,43 @@
+"""The rows beyond the lecture (TarFlow, MeanFlow) in the measured tables: their papers' claims under the lecture's
+columns, after the lecture's rows, and their likelihoods in columns of their own kinds."""
+
+from lightning_flows.benchmark.lecture import BEYOND_THE_LECTURE, LECTURE_COLUMNS, lecture_row
+from lightning_flows.benchmark.table import KIND_LABEL, LIKELIHOOD_KINDS, aggregate, dataset_table, lecture_table
+from lightning_flows.models import MeanFlow, TarFlow
+
+
+def _row(model, family, **numbers):
+    return {"model": model, "family": family, "dataset": "digits", "seed": 0, "objective": "obj",
+            "optimizer_steps": 10, "batch_size": 4, "weights": "training", **numbers}
+
+
+def test_every_kind_a_family_reports_has_a_labelled_column():
+    models = [TarFlow((1, 8, 8)), MeanFlow((2,)), MeanFlow((1, 16, 16), backbone={"channel_mults": [1, 2]})]
+    reported = {kind for model in models for kind in model.likelihood_estimators()}
+    assert reported == {"exact", "exact_noisy", "exact_instantaneous", "estimate_instantaneous"}
+    assert reported <= set(LIKELIHOOD_KINDS) and set(KIND_LABEL) == set(LIKELIHOOD_KINDS)
+
+
+def test_beyond_the_lecture_rows_follow_the_lecture_rows_with_their_own_claims_and_columns():
+    entries = aggregate([
+        _row("tarflow", "TarFlow", bpd_exact=2.1, bpd_exact_noisy=2.3, nfe_per_sample=65.0, ms_per_sample=4.0),
+        _row("glow", "Glow", bpd_exact=2.2, nfe_per_sample=1.0),
+        _row("meanflow", "MeanFlow", bpd_estimate_instantaneous=2.4, nfe_per_sample=1.0)])
+    lecture = lecture_table(entries, {"digits"})
+    lines = [line for line in lecture.splitlines() if line.startswith("| ") and "measured" not in line][1:]
+    assert [line.split("|")[1].strip() for line in lines] == ["Normalizing Flow (NF) (glow)",
+                                                              "TarFlow (Zhai et al. 2025) (tarflow)",
+                                                              "MeanFlow (Geng et al. 2025) (meanflow)"]
+    assert "| beyond the lecture | Exact MLE via change-of-vars (noise-augmented data)" in lecture
+    assert "2.30 bits/dim (exact, of data + N(0, sigma^2))" in lecture
+    assert "2.40 bits/dim (unbiased est., ODE of u(z, t, t))" in lecture
+    assert "65 NFE/sample" in lecture  # TarFlow's key limitation: its sequential steps
+    header = dataset_table(entries, image=True).splitlines()[0]
+    assert "bits/dim (exact, of data + N(0, sigma^2))" in header and "bits/dim (exact)" in header
+
+
+def test_each_beyond_row_fills_every_lecture_column():
+    for family in BEYOND_THE_LECTURE:
+        method, source, claims = lecture_row(family)
+        assert source == "beyond the lecture" and len(claims) == len(LECTURE_COLUMNS) and family in method
+    assert lecture_row("Glow")[1] == "lecture"
