@@ -15,12 +15,14 @@ BACKBONES = ("auto", "mlp", "unet")
 
 def make_time_backbone(data_shape: Sequence[int], backbone: str = "auto", hidden: int = 256, depth: int = 3,
                        base_channels: int = 32, channel_mults: Sequence[int] = (1, 2, 2),
-                       activation: str = "silu", num_classes: int = 0, interval_time: bool = False) -> nn.Module:
+                       activation: str = "silu", num_classes: int = 0, interval_time: bool = False,
+                       time_scale: float = 1000.0) -> nn.Module:
     """A network ``f(x, t[, y])`` mapping ``x: (B, *data_shape)`` to the same shape.
 
     ``backbone="auto"`` picks the UNet for images ``(C, H, W)`` and the MLP for vectors ``(D,)``.
     ``num_classes > 0`` adds a class embedding (labels ``y: (B,)``; ``num_classes`` or None = the null class).
-    ``interval_time`` adds a second time input, ``f(x, t, y, interval=s)`` (MeanFlow's two times).
+    ``interval_time`` adds a second time input, ``f(x, t, y, interval=s)`` (MeanFlow's two times);
+    ``time_scale`` stretches time in the sinusoidal embeddings (default 1000).
     """
     if backbone not in BACKBONES:
         raise ValueError(f"Unknown backbone '{backbone}'. Choose one of: {', '.join(BACKBONES)}.")
@@ -28,9 +30,9 @@ def make_time_backbone(data_shape: Sequence[int], backbone: str = "auto", hidden
         backbone = "unet" if len(data_shape) == 3 else "mlp"
     if backbone == "unet":
         return TimeUNet(data_shape, base_channels=base_channels, channel_mults=channel_mults, num_classes=num_classes,
-                        interval_time=interval_time)
+                        interval_time=interval_time, time_scale=time_scale)
     return FlatTimeMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes,
-                       interval_time=interval_time)
+                       interval_time=interval_time, time_scale=time_scale)
 
 
 class FlatTimeMLP(nn.Module):

@@ -26,15 +26,17 @@ class TimeMLP(nn.Module):
     ``y`` is None) is added to it; ``num_classes = 0`` builds exactly the unconditional network.
     ``interval_time=True`` adds a second time input ``interval`` (MeanFlow's ``b - a``), embedded sinusoidally,
     mapped by a learned linear layer (so the two times stay distinguishable) and added to the time embedding;
-    ``False`` builds exactly the one-time network.
+    ``False`` builds exactly the one-time network. ``time_scale``: the sinusoids' time stretch (see
+    :class:`SinusoidalTimeEmbedding`); the raw sinusoids feed every layer here, so the field's time derivative
+    grows with it (MeanFlow's target differentiates in time and wants a smaller one).
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_dim: int = 32,
                  activation: str = "silu", out_dim: int | None = None, num_classes: int = 0,
-                 interval_time: bool = False):
+                 interval_time: bool = False, time_scale: float = 1000.0):
         super().__init__()
         self.dim = dim
-        self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
         if num_classes:
             self.class_embed = ClassEmbedding(num_classes, time_dim)
         widths = [dim] + [hidden] * depth
@@ -42,7 +44,7 @@ class TimeMLP(nn.Module):
         self.act = make_activation(activation)
         self.out = nn.Linear(hidden + time_dim, out_dim or dim)
         if interval_time:  # created last: the one-time network's initialisation is unchanged
-            self.interval_embed = IntervalEmbedding(time_dim, nn.Linear(time_dim, time_dim))
+            self.interval_embed = IntervalEmbedding(time_dim, nn.Linear(time_dim, time_dim), scale=time_scale)
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
                 interval: Tensor | float | None = None) -> Tensor:

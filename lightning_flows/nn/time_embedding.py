@@ -37,9 +37,9 @@ class IntervalEmbedding(nn.Module):
     """A second time input (MeanFlow's interval ``b - a``): ``(B,)`` -> ``(B, dim)``, sinusoidal features mapped by
     ``head`` (a learned layer, so the backbone tells this time from its own ``t``)."""
 
-    def __init__(self, dim: int, head: nn.Module):
+    def __init__(self, dim: int, head: nn.Module, scale: float = 1000.0):
         super().__init__()
-        self.sinusoidal = SinusoidalTimeEmbedding(dim)
+        self.sinusoidal = SinusoidalTimeEmbedding(dim, scale=scale)
         self.head = head
 
     def forward(self, interval: Tensor) -> Tensor:

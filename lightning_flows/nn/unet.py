@@ -48,11 +48,13 @@ class TimeUNet(nn.Module):
             ``num_classes`` is the null class (also used when ``y`` is None). 0: the unconditional network.
         interval_time: a second time input ``interval`` (MeanFlow's ``b - a``) with its own embedding MLP, added
             to the time embedding; False builds exactly the one-time network.
+        time_scale: the sinusoidal embeddings' time stretch (:class:`SinusoidalTimeEmbedding`).
     """
 
     def __init__(self, data_shape: Sequence[int], base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), time_dim: int = 128, dropout: float = 0.0,
-                 out_channels: int | None = None, num_classes: int = 0, interval_time: bool = False):
+                 out_channels: int | None = None, num_classes: int = 0, interval_time: bool = False,
+                 time_scale: float = 1000.0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(
@@ -63,8 +65,8 @@ class TimeUNet(nn.Module):
         factor = 2 ** (len(channel_mults) - 1)
         if h % factor or w % factor:
             raise ValueError(f"Image size {h}x{w} is not divisible by {factor}; use fewer channel_mults.")
-        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, time_dim),
-                                        nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim, scale=time_scale),
+                                        nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         if num_classes:
             self.class_embed = ClassEmbedding(num_classes, time_dim)
         widths = [base_channels * m for m in channel_mults]
@@ -90,7 +92,8 @@ class TimeUNet(nn.Module):
         self.out = nn.Conv2d(widths[0], out_channels or c, 3, padding=1)
         if interval_time:  # created last: the one-time network's initialisation is unchanged
             self.interval_embed = IntervalEmbedding(time_dim, nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(),
-                                                                            nn.Linear(time_dim, time_dim)))
+                                                                            nn.Linear(time_dim, time_dim)),
+                                                 scale=time_scale)
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
                 interval: Tensor | float | None = None) -> Tensor:
