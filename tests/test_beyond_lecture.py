@@ -22,7 +22,7 @@ def test_beyond_the_lecture_rows_follow_the_lecture_rows_with_their_own_claims_a
     entries = aggregate([
         _row("tarflow", "TarFlow", bpd_exact=2.1, bpd_exact_noisy=2.3, nfe_per_sample=65.0, ms_per_sample=4.0),
         _row("glow", "Glow", bpd_exact=2.2, nfe_per_sample=1.0),
-        _row("meanflow", "MeanFlow", bpd_estimate_instantaneous=2.4, nfe_per_sample=1.0)])
+        _row("meanflow", "MeanFlow", bpd_estimate_instantaneous=2.4, nfe_per_sample=1.0, fid=60.0, fid_nfe2=40.0)])
     lecture = lecture_table(entries, {"digits"})
     lines = [line for line in lecture.splitlines() if line.startswith("| ") and "measured" not in line][1:]
     assert [line.split("|")[1].strip() for line in lines] == ["Normalizing Flow (NF) (glow)",
@@ -32,6 +32,7 @@ def test_beyond_the_lecture_rows_follow_the_lecture_rows_with_their_own_claims_a
     assert "2.30 bits/dim (exact, of data + N(0, sigma^2))" in lecture
     assert "2.40 bits/dim (unbiased est., ODE of u(z, t, t))" in lecture
     assert "65 NFE/sample" in lecture  # TarFlow's key limitation: its sequential steps
+    assert "FID 40.0 at 2 NFE vs 60.0 at 1" in lecture  # MeanFlow's: the quality its second step buys
     header = dataset_table(entries, image=True).splitlines()[0]
     assert "bits/dim (exact, of data + N(0, sigma^2))" in header and "bits/dim (exact)" in header
 

@@ -1,5 +1,5 @@
-"""The evaluator under DDP (2 CPU ranks, gloo): FID, KID, precision/recall, bits/dim and sampling cost
-equal the single-process values.
+"""The evaluator under DDP (2 CPU ranks, gloo): FID, KID, precision/recall, bits/dim, sampling cost
+and a sampling variant's FID equal the single-process values.
 
 The DDP run is a subprocess (this file run as a script: Lightning's DDP launcher starts rank 1 by
 re-running the same command) with a timeout: a metric computed in a rank-zero-only hook would
@@ -31,10 +31,22 @@ from test_eval_helpers import DiagonalGaussian, fitted_gaussian, random_classifi
 N_SAMPLES, CHUNK = 200, 50
 
 
+class GaussianWithAVariant(DiagonalGaussian):
+    """A sampling variant (as MeanFlow's 2 steps): a colder draw, reported at 2 NFE per sample."""
+
+    def sample(self, n: int, temperature: float = 1.0):
+        x = self.mean + temperature * self.log_std.exp() * torch.randn(n, *self.data_shape, device=self.device)
+        self.last_sample_nfe = 1 if temperature == 1.0 else 2
+        return x
+
+    def sampling_variants(self):
+        return [{"temperature": 0.5}]
+
+
 def run_evaluation(devices: int, out_dir: Path, classifier: Path, cache_dir: Path, model_path: Path) -> dict:
     """``trainer.test`` with the evaluation callback; each rank writes what it logged."""
     datamodule = GenerativeDataModule("digits", batch_size=64, eval_batch_size=40)
-    model = DiagonalGaussian()
+    model = GaussianWithAVariant()
     model.load_state_dict(torch.load(model_path, weights_only=True))
     spec = EvaluationSpec(n_samples=N_SAMPLES, sample_batch_size=CHUNK, likelihood_batch_size=40, kid_subsets=10,
                           feature_extractor_weights_path=str(classifier), cache_dir=str(cache_dir), progress=False)
@@ -79,11 +91,13 @@ def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
     assert single["rank_samples"] == N_SAMPLES
     names = [f"test/fid_classifier_test_n{N_SAMPLES}", f"test/fid_floor_classifier_test_n{N_SAMPLES}",
              f"test/kid_classifier_test_n{N_SAMPLES}", "test/precision", "test/recall",
-             "test/bpd_exact", "test/likelihood_examples", "test/nfe_per_sample"]
+             "test/bpd_exact", "test/likelihood_examples", "test/nfe_per_sample",
+             f"test/fid_nfe2_classifier_test_n{N_SAMPLES}"]
     for rank in ranks:
         for name in names:
             assert rank[name] == pytest.approx(single[name], rel=1e-6, abs=0), name
     assert ranks[0]["test/likelihood_examples"] == 180
+    assert single[f"test/fid_nfe2_classifier_test_n{N_SAMPLES}"] != single[f"test/fid_classifier_test_n{N_SAMPLES}"]
 
 
 if __name__ == "__main__":

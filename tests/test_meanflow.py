@@ -239,3 +239,43 @@ def test_cli_fit_checkpoint_and_sample_round_trip(tmp_path, tiny_fit):
     again = loaded.sample(8)
     torch.manual_seed(0)
     torch.testing.assert_close(again, cli.model.cpu().eval().sample(8))
+
+
+def test_the_evaluator_also_scores_the_other_step_count_and_keeps_the_default_samples():
+    """An exact mean flow maps noise to the same points in 1 or 2 jumps, so the 2-NFE energy distance the evaluator
+    reports beside the 1-NFE one (MeanFlow's key limitation) equals it; the evaluated samples stay the default's."""
+    from lightning_flows.data import GenerativeDataModule
+    from lightning_flows.evaluation import EvaluationSpec, Evaluator
+
+    dm = GenerativeDataModule("8gaussians")
+    model = gaussian_meanflow()
+    assert model.sampling_variants() == [{"steps": 2}]
+    assert gaussian_meanflow(sampling={"steps": 2}).sampling_variants() == [{"steps": 1}]
+    spec = dict(likelihood=False, n_samples=400, sample_batch_size=200, progress=False)
+    evaluator = Evaluator(EvaluationSpec(**spec))
+    result = evaluator.evaluate(model, dm)
+    plain = Evaluator(EvaluationSpec(**spec, extras=False)).evaluate(model, dm)
+    assert "energy_distance_nfe2" not in plain and result["nfe_per_sample"] == 1
+    assert result["energy_distance"] == plain["energy_distance"]
+    assert result["energy_distance_nfe2"] == pytest.approx(result["energy_distance"], abs=1e-5)
+    assert evaluator.last_samples.shape == (400, 2) and model.sampling.steps == 1
+
+
+def test_sampling_steps_sets_the_nfe_of_plain_sample_calls_inside_its_block_only():
+    import doctest
+
+    import lightning_flows.models.meanflow as module
+    from lightning_flows.models.meanflow import sampling_steps
+
+    model = gaussian_meanflow()
+    with sampling_steps(model, 4) as same:
+        assert same is model
+        model.sample(5)
+        assert model.last_sample_nfe == 4
+        with pytest.raises(ValueError, match="steps >= 1"):
+            with sampling_steps(model, 0):
+                pass
+        assert model.sampling.steps == 4
+    model.sample(5)
+    assert model.last_sample_nfe == 1
+    assert doctest.testmod(module).failed == 0  # the docstring's example

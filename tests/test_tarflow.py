@@ -240,3 +240,12 @@ def test_cli_fit_checkpoint_and_sample_round_trip(tmp_path, tiny_fit):
     loaded, _ = load_model_and_data(checkpoint)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     torch.testing.assert_close(loaded.log_prob(x), cli.model.cpu().eval().log_prob(x))
+
+
+def test_the_transformer_docstring_example_runs():
+    import doctest
+
+    import lightning_flows.nn.transformer as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

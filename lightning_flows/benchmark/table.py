@@ -9,6 +9,7 @@ and exact likelihoods, bounds and unbiased estimates in separate columns.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Sequence
 
@@ -136,6 +137,11 @@ def _limitation_summary(entry: dict, image: bool) -> str:
     if "nfe_per_sample" in entry and entry["nfe_per_sample"][0] > 1:  # ODE solves, reverse chains, sequential flows
         parts.append(f"{cell(entry, 'nfe_per_sample', '{:.0f}', False)} NFE/sample")
     quality = "fid" if image else "energy_distance"
+    variants = {int(m[1]): m[0] for m in (re.fullmatch(f"{quality}_nfe([0-9]+)", k) for k in entry) if m}
+    digits = "{:.1f}" if image else "{:.4f}"
+    for nfe, key in sorted(variants.items()):  # other sampling settings (GenerativeModel.sampling_variants)
+        parts.append(f"{'FID' if image else 'ED'} {cell(entry, key, digits)} at {nfe} NFE vs "
+                     f"{cell(entry, quality, digits)} at {cell(entry, 'nfe_per_sample', '{:.0f}', False)}")
     if quality in entry and len(entry["seeds"]) > 1:
         mean, std = entry[quality]
         parts.append(f"seed spread {100 * std / max(abs(mean), 1e-12):.0f}% of {'FID' if image else 'ED'}")

@@ -47,6 +47,8 @@ KEYS = {
     "ms_per_sample": "device-milliseconds per sample after one warm-up call, at sample_batch_size per call",
     "fid / fid_floor": "FID of the samples / of another real split at the same n, against the reference split",
     "fid_n<n>": "FID of the first n samples (EvaluationSpec.fid_sample_counts)",
+    "fid_nfe<k> / energy_distance_nfe<k>": "the same quality metric for another sampling setting of the model at k "
+                                           "NFE/sample (GenerativeModel.sampling_variants, e.g. MeanFlow's 2 steps)",
     "kid / kid_std / kid_floor": "unbiased KID (mean and std over subsets) and its real-vs-real floor",
     "precision / recall": "k-NN precision and recall in feature space (2D data: the coordinates)",
     "energy_distance / energy_distance_floor": "2D data: energy distance to the reference split, and its floor",
@@ -170,6 +172,31 @@ class Evaluator:
                                               labels if spec.class_metrics else None))
         else:
             result.update(self._point_quality(gather_chunks(chunks), datamodule))
+        if spec.extras:
+            result.update(self._variant_quality(model, datamodule, rank, world, labels, guidance))
+        return result
+
+    def _variant_quality(self, model, datamodule, rank: int, world: int, labels: Tensor | None,
+                         guidance: float) -> dict:
+        """FID (images) or energy distance (2D) of the same samples' draw under each of the model's
+        ``sampling_variants``, keyed by the variant's measured NFE; the evaluated samples stay the default's."""
+        spec, result = self.spec, {}
+        image = len(datamodule.data_shape) == 3
+        kept = self.last_samples, self.last_rank_samples
+        for options in model.sampling_variants():
+            cost = SamplingCost()
+            chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
+                                     labels=labels, guidance=guidance, options=options)
+            nfe = cost.reduced(model.device).nfe_per_sample
+            if nfe is None:
+                raise ValueError(f"{type(model).__name__}.sampling_variants() gave {options}, but sample() did not "
+                                 f"report its NFE (set last_sample_nfe); the variant's quality is keyed by it.")
+            if image:
+                result[f"fid_nfe{nfe:.0f}"] = self._image_quality(chunks, datamodule, model.device, rank, world)["fid"]
+            else:
+                result[f"energy_distance_nfe{nfe:.0f}"] = self._point_quality(gather_chunks(chunks),
+                                                                              datamodule)["energy_distance"]
+        self.last_samples, self.last_rank_samples = kept
         return result
 
     def _image_quality(self, chunks, datamodule, device, rank: int, world: int, labels: Tensor | None = None) -> dict:
@@ -338,7 +365,7 @@ def metric_names(result: dict) -> dict[str, str]:
     for key, value in result.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key in LABEL_KEYS:
             continue
-        if key in ("fid", "kid", "kid_std", "class_fid", "class_kid", "class_accuracy"):
+        if key in ("fid", "kid", "kid_std", "class_fid", "class_kid", "class_accuracy") or key.startswith("fid_nfe"):
             names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_quality']}"
             if result.get("guidance", 1.0) != 1.0:  # guided samples are another model's: never mix them up
                 names[key] += f"_w{result['guidance']:g}"

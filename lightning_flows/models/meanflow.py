@@ -30,9 +30,10 @@ already guided, ``u(z, a, b | y)``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ from lightning_flows.nn.backbone_options import TimeBackboneOptions
 from lightning_flows.nn.class_conditioning import drop_labels, guided, null_labels
 from lightning_flows.ode import ode_log_likelihood
 
-__all__ = ["MeanFlow", "MeanFlowGuidance", "MeanFlowSampling"]
+__all__ = ["MeanFlow", "MeanFlowGuidance", "MeanFlowSampling", "sampling_steps"]
 
 
 @dataclass
@@ -199,6 +200,11 @@ class MeanFlow(GenerativeModel):
         self.last_sample_nfe = steps
         return z
 
+    def sampling_variants(self) -> list[dict]:
+        """The evaluator also measures the samples of the other one of 1 and 2 steps (MeanFlow's key limitation:
+        the quality gap between them)."""
+        return [{"steps": k} for k in (1, 2) if k != self.sampling.steps]
+
     # ---- likelihood of the instantaneous field ----
     @property
     def likelihood_kind(self) -> str:
@@ -218,3 +224,23 @@ class MeanFlow(GenerativeModel):
                                     divergence=self.likelihood_divergence, chunk_size=options.trace_chunk_size)
         self.last_log_prob_nfe = result.nfe
         return result.log_prob
+
+
+@contextmanager
+def sampling_steps(model: MeanFlow, steps: int) -> Iterator[MeanFlow]:
+    """Inside the block ``model.sample(n)`` jumps ``steps`` times (``steps`` NFE per sample), so an evaluator that calls
+    ``sample(n)`` measures that step count: the knob of a sweep over NFE (as ``model.sampler`` is flow matching's).
+
+    Example:
+        >>> model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 8, "depth": 1})
+        >>> with sampling_steps(model, 4):
+        ...     _ = model.sample(3)
+        >>> model.last_sample_nfe, model.sampling.steps
+        (4, 1)
+    """
+    saved = model.sampling
+    model.sampling = MeanFlowSampling(steps)
+    try:
+        yield model
+    finally:
+        model.sampling = saved
