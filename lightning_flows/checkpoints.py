@@ -7,11 +7,18 @@ A checkpoint is untrusted input (users download them). Two rules keep it from ru
 * the model class it names is looked up in :func:`allowed_model_classes`, a fixed table of the
   :class:`GenerativeModel` subclasses exported by :mod:`lightning_flows.models`. Nothing the file
   says is ever imported or called: a name outside the table is a :class:`CheckpointError`.
+
+Only local files are read (:func:`local_checkpoint_path`): a ``file://`` URL is its local path, and
+any other URL or registry name is refused with the fix (download it, pass the local path). Lightning
+would fetch a URL itself and unpickle it with ``weights_only=False``; and a file fetched by every DDP
+rank, or again on a rerun, need not be the same file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -48,16 +55,51 @@ def allowed_model_classes() -> dict[str, type[GenerativeModel]]:
     return table
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
+def local_checkpoint_path(path: str | Path) -> Path:
+    """The local file ``path`` names: a path, or a ``file://`` URL. Remote names are refused (see the module)."""
+    text = str(path)
+    if text.startswith("file:"):
+        parsed = urllib.parse.urlparse(text)
+        if parsed.netloc in ("", "localhost"):
+            return Path(urllib.parse.unquote(parsed.path))
+    if "://" in text or text.startswith(("file:", "registry:")):
+        example = "curl -fL -o model.ckpt '<the URL>'" if "://" in text else "the registry's download command"
+        raise CheckpointError(f"{text} is not a local file: lightning-flows reads checkpoints only from local disk, "
+                              f"where it checks them before anything loads them. Download it yourself ({example}) "
+                              f"and pass the local file instead (e.g. --ckpt_path model.ckpt, sample --ckpt "
+                              f"model.ckpt).")
+    return Path(text)
+
+
+def load_failure(err: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line. For a file holding pickled objects other
+    than tensors and plain data, that (and the global torch names), instead of torch's first line, which goes on to
+    suggest ``weights_only=False``: the call that would run the file's code."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        named = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        return (f"not unpickled: it holds objects other than tensors and plain data, and unpickling them could "
+                f"run code{'; torch: ' + named[:200].rstrip('.') if named else ''}")
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at ``path`` (``weights_only=True``, :data:`SAFE_GLOBALS` only); ``mmap``: map the tensors
+    instead of reading them (to look at the step count of many files)."""
+    path = local_checkpoint_path(path)
+    if path.is_dir():
+        found = sorted(path.glob("**/*.ckpt"), key=lambda p: (p.name != "last.ckpt", len(p.parts), str(p)))
+        example = f", e.g. {found[0]}" if found else " (there are none in it)"
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass one of the .ckpt files of a "
+                              f"run's checkpoints/ directory{example}.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist. Runs write them to <run dir>/checkpoints/*.ckpt.")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, not a torch file, or unsafe pickled objects
         raise CheckpointError(
-            f"Could not read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            f"Could not read checkpoint {path} ({load_failure(err)}). "
             f"The file is corrupt, truncated or not a lightning-flows checkpoint; use another one from the "
             f"run's checkpoints/ directory."
         ) from err
@@ -68,9 +110,10 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def resolve_model_class(checkpoint: dict, path: str | Path) -> type[GenerativeModel]:
-    """The family a checkpoint asks for, if it is one of ours; never imports anything."""
+    """The family a checkpoint asks for, if it is one of ours (and its fields have the types ours have);
+    never imports anything."""
     requested = checkpoint.get(MODEL_CLASS_KEY)
-    if requested is None or "state_dict" not in checkpoint:
+    if requested is None or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} is a torch file but not a lightning-flows model checkpoint "
                               f"(no model class recorded); pass a checkpoint written by `lightning-flows fit`.")
     allowed = allowed_model_classes()
@@ -80,14 +123,38 @@ def resolve_model_class(checkpoint: dict, path: str | Path) -> type[GenerativeMo
                               f"model; refusing to load it (checkpoints can only rebuild {families}). "
                               f"The file may have been tampered with; use a checkpoint written by "
                               f"`lightning-flows fit`.")
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        saved_options(checkpoint, path, key)
     return allowed[requested]
 
 
-def _plain_kwargs(checkpoint: dict, key: str) -> dict:
-    values = checkpoint.get(key) or {}
+def saved_options(checkpoint: dict, path: str | Path, key: str = "hyper_parameters") -> dict:
+    """The init arguments a checkpoint recorded under ``key``, without Lightning's private entries
+    (``_class_path``, ``_instantiator``: names of code, which nothing here imports)."""
+    values = checkpoint.get(key)
+    if values is None:
+        return {}
     if not isinstance(values, dict):
-        raise CheckpointError(f"checkpoint field '{key}' is a {type(values).__name__}, expected a dict.")
+        raise CheckpointError(f"{path}: its '{key}' is a {type(values).__name__}, not the dict of options a "
+                              f"lightning-flows checkpoint holds; the file was edited or written by another "
+                              f"program. Use a checkpoint written by `lightning-flows fit`.")
     return {k: v for k, v in values.items() if isinstance(k, str) and not k.startswith("_")}
+
+
+def cli_model_config(checkpoint: dict, path: str | Path) -> dict:
+    """The model config ``--ckpt_path`` adopts: ``{"class_path": <an allow-listed family>, "dict_kwargs": ...}``.
+
+    ``dict_kwargs`` are the saved options the family's ``__init__`` takes, as plain data (a pickled
+    :class:`SolverConfig` becomes its dict), so the CLI parser never sees a name it could import.
+    """
+    cls = resolve_model_class(checkpoint, path)
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    plain = lambda value: (dataclasses.asdict(value)  # noqa: E731
+                           if dataclasses.is_dataclass(value) and not isinstance(value, type) else value)
+    kwargs = {key: plain(value) for key, value in saved_options(checkpoint, path).items()
+              if key != "self" and (takes_any or key in parameters)}
+    return {"class_path": model_class_name(cls), "dict_kwargs": kwargs}
 
 
 def evaluation_weights(checkpoint: dict) -> dict:
@@ -128,10 +195,10 @@ def load_model_and_data(path: str | Path, map_location="cpu") -> tuple[Generativ
     checkpoint = read_checkpoint(path, map_location)
     cls = resolve_model_class(checkpoint, path)
     try:
-        datamodule = GenerativeDataModule(**_plain_kwargs(checkpoint, "datamodule_hyper_parameters"))
+        datamodule = GenerativeDataModule(**saved_options(checkpoint, path, "datamodule_hyper_parameters"))
         # The saved hyperparameters hold the data facts the model was trained with (shape, levels);
         # facts a checkpoint predates come from its DataModule, and contradictions are refused.
-        model = cls(**fill_data_facts(cls, _plain_kwargs(checkpoint, "hyper_parameters"), datamodule))
+        model = cls(**fill_data_facts(cls, saved_options(checkpoint, path), datamodule))
         # Sampling and evaluation use the EMA weights whenever the run kept them (EMACallback).
         model.load_state_dict(evaluation_weights(checkpoint))
     except (TypeError, ValueError, RuntimeError, KeyError) as err:

@@ -12,6 +12,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -80,10 +81,37 @@ def hint_for(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 class FlowsArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, with :func:`hint_for` appended to its error messages."""
+    """LightningCLI's parser, with :func:`hint_for` appended to its error messages and a one-line usage above
+    them (jsonargparse's lists every option, ~115 lines that bury the reason; ``--help`` still lists them)."""
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(message + hint_for(message, self), ex)
+
+    def print_usage(self, file=None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog.replace(' [options]', '')} [options]\n")
+
+
+def config_file_problem(args: list[str]) -> str | None:
+    """Why a ``--config`` / ``-c`` file among ``args`` cannot be read as YAML (file, line, column, reason), or None.
+
+    jsonargparse's own message names neither the file nor the line in it (``in "<unicode string>"``).
+    """
+    import yaml
+
+    paths = [value for option, value in zip(args, args[1:]) if option in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                yaml.safe_load(handle)
+        except OSError:
+            continue  # jsonargparse says the file does not exist
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"Config file {path} is not valid YAML: {problem}{where}. Fix the file there and rerun."
+    return None
 
 
 def model_error_of(message: str) -> str | None:

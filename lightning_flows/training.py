@@ -7,23 +7,26 @@ neither imports the other: a benchmark run is exactly the ``lightning-flows fit`
 from __future__ import annotations
 
 import copy
+import sys
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flows.callbacks import (DistributedReplicas, EvaluationCallback, NonFiniteGuard, PerStepSeed,
                                        SampleGridCallback)
-from lightning_flows.callbacks.checkpointing import RunCheckpoint
+from lightning_flows.callbacks.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from lightning_flows.callbacks.run_directory import RunDirectoryReport
 from lightning_flows.callbacks.progress import IntervalProgressBar
-from lightning_flows.cli_errors import FlowsArgumentParser, model_error_of
+from lightning_flows.cli_errors import FlowsArgumentParser, config_file_problem, model_error_of
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import link_data_facts
 from lightning_flows.logger_placement import DEFAULT_LOGGER, place_loggers
 from lightning_flows.models import GenerativeModel
 from lightning_flows.performance import PerformanceOptions
 from lightning_flows.run_checks import (
-    RunSetupError, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
+    RunSetupError, check_batch_sizes, check_ckpt_path, check_devices_exist, check_output_dirs_writable,
+    check_training_budget,
 )
 from lightning_flows.warning_filters import silence_known_noise
 
@@ -91,33 +94,43 @@ class FlowsCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser, args) -> None:
+        problem = config_file_problem(list(sys.argv[1:] if args is None else args))
+        if problem:
+            parser.error(problem)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand in DISPATCHED_BEFORE_PARSING:
             parser.error(f"'{subcommand}' takes its own options and must come first: {PROG} {subcommand} --help")
+        self._checked_checkpoint = None
         if subcommand and self.config[subcommand].get("ckpt_path"):
-            check_ckpt_path(self.config[subcommand])
+            self._checked_checkpoint = check_ckpt_path(self.config[subcommand])
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning (>= 2.5.5) copies a checkpoint's hyperparameters into the model config. Those hold every
-        # data fact the CLI linked, also one the model does not take (FlowMatching has no `data_levels`):
-        # pass on only the facts the model accepts, as loading a checkpoint in Python does.
-        super()._parse_ckpt_path()
-        model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
-        extra = model.get("dict_kwargs") if model is not None and "class_path" in model else None
-        if extra:
-            from lightning_flows.checkpoints import allowed_model_classes
-            from lightning_flows.data.facts import MODEL_DATA_FACTS, accepted_data_facts
+        """Adopt the model options of ``--ckpt_path`` (Lightning >= 2.5.5 calls this), from the file already
+        checked by :func:`check_ckpt_path` and only as the allow-listed family it names.
 
-            cls = allowed_model_classes().get(str(model.class_path)) or allowed_model_classes().get(
-                str(model.class_path).rpartition(".")[2])
-            accepted = accepted_data_facts(cls) if cls is not None else tuple(MODEL_DATA_FACTS)
-            for name in [k for k in extra if k in MODEL_DATA_FACTS and k not in accepted]:
-                del extra[name]
+        Replaces Lightning's version, which reloads the file and hands the class path the checkpoint names
+        (``hyper_parameters._class_path``) to the parser, which imports it: code a file could pick.
+        """
+        checkpoint = getattr(self, "_checked_checkpoint", None)
+        if checkpoint is None:  # no --ckpt_path, or `last` (read, with the same checks, when the trainer loads it)
+            return
+        from lightning_flows.checkpoints import cli_model_config
+
+        subcommand = self.config.subcommand
+        model = cli_model_config(checkpoint, self.config[subcommand].ckpt_path)
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the model options saved in {self.config[subcommand].ckpt_path} failed.\n")
+            raise
 
     def before_instantiate_classes(self) -> None:
         # Fail before any work: a run must not train for hours and then find it cannot write its results.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            check_training_budget(config.trainer)
+        check_batch_sizes(config.get("data"))
         check_devices_exist(config.trainer.accelerator, config.trainer.devices)
         check_output_dirs_writable(config)
         # Every logger, the config, checkpoints and sample grids in <root>/<name>/<version or id>/.
@@ -149,6 +162,11 @@ class FlowsCLI(LightningCLI):
         config["callbacks"] = [PerStepSeed(), DistributedReplicas(), RunDirectoryReport(), *listed, *bar]
         trainer = self._instantiate_trainer(config, callbacks)
         _drop_unset_wandb_arguments(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            # Every checkpoint the trainer reads (--ckpt_path, `last`, `hpc`) goes through the checked, weights-only
+            # reader, also when RunCheckpoint is off (--trainer.enable_checkpointing false). A user's own
+            # CheckpointIO plugin is left alone.
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
 

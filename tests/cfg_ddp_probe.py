@@ -36,4 +36,7 @@ def main(out: Path, family: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
+
     main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    end_distributed()

@@ -64,6 +64,9 @@ def main(family: str, out: Path, steps: int) -> None:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
+
     torch.set_num_threads(1)
     for name in sys.argv[3:] or FAMILIES:
         main(name, Path(sys.argv[1]), int(sys.argv[2]))
+    end_distributed()

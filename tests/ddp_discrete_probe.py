@@ -43,4 +43,7 @@ def main(out: Path, steps: int, families: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
+
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","))
+    end_distributed()

@@ -70,8 +70,10 @@ def fit_args(family: str, out: Path, steps: int) -> list[str]:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
     from lightning_flows.training import build_cli
 
     torch.set_num_threads(1)
     for name in sys.argv[3:] or FAMILIES:
         build_cli(fit_args(name, Path(sys.argv[1]), int(sys.argv[2])))
+    end_distributed()

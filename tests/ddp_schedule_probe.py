@@ -34,4 +34,7 @@ def main(out: Path, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
+
     main(Path(sys.argv[1]), float(sys.argv[2]))
+    end_distributed()

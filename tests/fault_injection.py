@@ -71,3 +71,16 @@ class SlowDownFromStep(L.Callback):
             if trainer.global_step == self.step and trainer.is_global_zero:
                 Path(self.marker).write_text(str(os.getpid()))
             time.sleep(self.seconds)
+
+
+class NaNGradients(L.Callback):
+    """From global step ``step`` on, every gradient is NaN (a diverging run, as the non-finite guard sees it)."""
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step >= self.step:
+            for parameter in pl_module.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))

@@ -41,4 +41,7 @@ def main(out: Path, steps: int) -> None:
 
 
 if __name__ == "__main__":
+    from lightning_flows.cli import end_distributed  # every rank ends its process group together
+
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    end_distributed()

@@ -6,6 +6,8 @@ naming a foreign class in tests/test_checkpoint_security.py.)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from subprocess_runs import ROOT
@@ -117,14 +119,12 @@ def test_more_gpus_than_the_machine_has(tmp_path):
 def test_inception_fid_offline_without_weights_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
     import urllib.error
 
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
-
     from lightning_flows.metrics.features import InceptionFeatures
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy either
     with pytest.raises(RuntimeError, match=r"Could not download torch-fidelity's Inception-v3 weights.*Offline, "
                                            r"fetch https://\S+\.pth on a connected machine and pass the local "
@@ -235,3 +235,157 @@ def test_ckpt_path_accepts_its_own_checkpoint(checkpoints, tmp_path):
           "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm"])])
     (last,) = tmp_path.glob("**/last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 4  # resumed at 2, trained to 4
+
+
+# ---- settings that would train nothing, or fail only after the run directory exists ----
+@pytest.mark.parametrize("option,value,message", [
+    ("--trainer.max_steps", "-5", r"--trainer.max_steps -5 is not a number of optimizer steps: pass how many optimizer "
+                                  r"steps to train \(>= 1\), or -1 for no limit"),
+    ("--trainer.max_steps", "0", r"--trainer.max_steps 0 would train nothing and save an untrained model: pass how "
+                                 r"many optimizer steps to train \(>= 1\)"),
+    ("--trainer.max_epochs", "0", r"--trainer.max_epochs 0 would train nothing"),
+    ("--data.batch_size", "0", r"--data.batch_size 0: a batch holds at least one example; pass a batch size >= 1"),
+    ("--data.batch_size", "-3", r"--data.batch_size -3: a batch holds at least one example"),
+    ("--data.eval_batch_size", "0", r"--data.eval_batch_size 0: a batch holds at least one example"),
+])
+def test_a_setting_that_cannot_train_fails_before_the_run_directory_exists(tmp_path, option, value, message):
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit, match="^error: " + message):
+        main(["fit", "--config", TOY, *QUIET, *_dirs(root), option, value])
+    assert not root.exists()
+
+
+def test_a_run_the_non_finite_guard_stops_exits_non_zero_and_keeps_last_ckpt(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--trainer.max_steps", "20",
+              "--trainer.callbacks+=fault_injection.NaNGradients", "--trainer.callbacks.step", "2",
+              "--non_finite_guard.max_consecutive", "3"])
+    assert re.match(r"error: NonFiniteGuard: 3 consecutive optimizer steps had a NaN/inf loss or gradient \(global "
+                    r"step \d+\); stopping. No bad update reached the weights.*Lower the learning rate",
+                    str(info.value.code))
+    (last,) = tmp_path.glob("**/last.ckpt")  # the last good weights, saved on the stop
+    saved = torch.load(last, weights_only=True)
+    assert all(value.isfinite().all() for value in saved["state_dict"].values())
+
+
+# ---- lightning-flows sample ----
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    """A (untrained) class-conditional flow matching checkpoint on digits: enough to sample with guidance."""
+    from lightning_flows.checkpoints import MODEL_CLASS_KEY, model_class_name
+    from lightning_flows.models import FlowMatching
+
+    model = FlowMatching((1, 8, 8), backbone="mlp", hidden=16, num_classes=10,
+                         sampler={"method": "euler", "steps": 2})
+    path = tmp_path_factory.mktemp("conditional") / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    torch.save({MODEL_CLASS_KEY: model_class_name(FlowMatching), "state_dict": model.state_dict(),
+                "hyper_parameters": dict(model.hparams),
+                "datamodule_hyper_parameters": {"dataset": "digits", "conditional": True}}, path)
+    return path
+
+
+def _sample_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(["sample", *args])
+    assert info.value.code != 0
+    return capsys.readouterr().err + (info.value.code if isinstance(info.value.code, str) else "")
+
+
+@pytest.mark.parametrize("guidance", ["nan", "inf", "-inf"])
+def test_sample_refuses_a_guidance_weight_that_is_not_finite(conditional_checkpoint, tmp_path, capsys, guidance):
+    message = _sample_error(capsys, "--ckpt", str(conditional_checkpoint), f"--guidance={guidance}",
+                            "--out", str(tmp_path / "x.png"))
+    assert f"--guidance {float(guidance)} is not a finite number" in message and "Pass a finite w" in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_negative_guidance_is_anti_guidance_and_says_so(conditional_checkpoint, tmp_path, capsys):
+    main(["sample", "--ckpt", str(conditional_checkpoint), "--class", "3", "--guidance", "-5", "--n", "4",
+          "--out", str(tmp_path / "away.png")])
+    printed = capsys.readouterr().out
+    assert f"wrote 4 samples to {tmp_path / 'away.png'}" in printed and "w=-5 < 0 steers away from the class" in printed
+    assert (tmp_path / "away.png").is_file()
+
+
+def test_sample_on_a_device_this_machine_lacks_says_so_not_corrupt(checkpoints, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        message = _sample_error(capsys, "--ckpt", str(checkpoints["fm"]), "--device", "cuda")
+        assert "--device cuda: torch sees no CUDA GPU on this machine" in message and "Use --device cpu" in message
+        assert "corrupt" not in message
+    message = _sample_error(capsys, "--ckpt", str(checkpoints["fm"]), "--device", "banana")
+    assert "--device 'banana' is not a device name; use cpu, cuda, cuda:<index> or mps" in message
+
+
+def test_sample_to_an_unwritable_place_fails_before_sampling(checkpoints, capsys):
+    message = _sample_error(capsys, "--ckpt", str(checkpoints["fm"]), "--out", "/proc/nope/x.png")
+    assert message.startswith("error: Cannot write to /proc/nope (") and "the samples cannot be saved there. " \
+        "Pass a writable path with --out PATH.png (or --out DIR)." in message
+
+
+def test_sample_out_a_directory_writes_into_it_and_reports_the_real_file(checkpoints, tmp_path, capsys):
+    main(["sample", "--ckpt", str(checkpoints["fm"]), "--n", "8", "--out", str(tmp_path)])
+    written = tmp_path / "sample_n8_seed0.png"  # the default name beside a run's checkpoints
+    assert written.is_file() and f"wrote 8 samples to {written}" in capsys.readouterr().out
+    main(["sample", "--ckpt", str(checkpoints["fm"]), "--n", "8", "--out", str(tmp_path / "grid")])
+    assert (tmp_path / "grid.png").is_file() and f"to {tmp_path / 'grid.png'}" in capsys.readouterr().out
+
+
+def test_a_directory_as_checkpoint_names_a_file_to_pass(checkpoints, tmp_path, capsys):
+    run = checkpoints["fm"].parent.parent
+    expected = rf"{run} is a directory, not a checkpoint file; pass one of the .ckpt files of a run's checkpoints/ " \
+               rf"directory, e.g. {checkpoints['fm']}"
+    assert _sample_error(capsys, "--ckpt", str(run)).startswith("error: " + expected)
+    with pytest.raises(SystemExit, match="^error: " + re.escape(expected)):
+        main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--ckpt_path", str(run)])
+
+
+# ---- checkpoints whose fields have the wrong types, or plain-data objects ----
+def _edited(source, target, **changes):
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint.update(changes)
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_hyper_parameters_that_are_a_list_are_refused_by_fit_and_sample(checkpoints, tmp_path, capsys):
+    odd = _edited(checkpoints["fm"], tmp_path / "list.ckpt", hyper_parameters=[1, 2])
+    expected = rf"{odd}: its 'hyper_parameters' is a list, not the dict of options a lightning-flows checkpoint " \
+               rf"holds; the file was edited or written by another program"
+    assert expected in _sample_error(capsys, "--ckpt", str(odd))
+    with pytest.raises(SystemExit, match="^error: " + re.escape(expected)):
+        main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path / "runs"), "--ckpt_path", str(odd)])
+    assert not list((tmp_path / "runs").glob("**/*.ckpt"))
+
+
+def test_a_solver_config_object_in_hyper_parameters_resumes_and_samples(checkpoints, tmp_path, capsys):
+    """A model built in Python (``sampler=SolverConfig(...)``) pickles the dataclass into its hyperparameters."""
+    source = torch.load(checkpoints["fm"], weights_only=True)
+    hparams = {**source["hyper_parameters"], "sampler": SolverConfig(method="euler", steps=3)}
+    pythonic = _edited(checkpoints["fm"], tmp_path / "pythonic.ckpt", hyper_parameters=hparams)
+    main(["fit", "--config", TOY, *QUIET, *_dirs(tmp_path / "runs"), "--model.init_args.hidden", "32",
+          "--trainer.max_steps", "3", "--ckpt_path", str(pythonic)])
+    (last,) = (tmp_path / "runs").glob("**/last.ckpt")
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["sampler"]["steps"] == 3
+    main(["sample", "--ckpt", str(pythonic), "--n", "8", "--out", str(tmp_path / "s.png")])
+    assert "wrote 8 samples" in capsys.readouterr().out and (tmp_path / "s.png").is_file()
+
+
+# ---- errors of the command-line parser stay visible ----
+def test_a_malformed_config_file_names_the_file_and_line_in_a_few_lines(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1\nmodel:\n")
+    message = _fit_error(capsys, "--config", TOY, "--config", str(broken), *_dirs(tmp_path))
+    assert re.search(rf"error: Config file {re.escape(str(broken))} is not valid YAML: .* at line 3, column \d+\. "
+                     rf"Fix the file there", message)
+    assert len(message.strip().splitlines()) <= 4, message  # not ~115 lines of usage above it
+    assert not (tmp_path / "toy2d_flow_matching").exists()
+
+
+def test_an_unknown_key_is_reported_in_a_few_lines(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("trainer:\n  max_stepz: 3\n")
+    message = _fit_error(capsys, "--config", TOY, "--config", str(config), *_dirs(tmp_path))
+    assert len(message.strip().splitlines()) <= 5, message
+    assert message.strip().splitlines()[-1].startswith("Unknown option --trainer.max_stepz. Did you mean")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from lightning_flows.benchmark import runner
+from lightning_flows.benchmark.store import Store
 from lightning_flows.benchmark.suite import SuiteError, load_suite
 from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
 
@@ -103,8 +104,9 @@ def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, mo
     monkeypatch.setattr(runner, "run_one", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(suite, out, root=ROOT)
-    finished = sorted(p.name for p in (out / "results").glob("*.json"))
-    assert finished == ["8gaussians__realnvp__seed0.json"]  # the first result was written when it finished
+    finished = sorted(p.name for p in (out / "runs").iterdir() if p.is_symlink())
+    assert finished == ["8gaussians__realnvp__seed0"]  # the first result was committed when it finished
+    assert len(list((out / "runs").iterdir())) == 2  # its link and its attempt: the killed attempt is gone
 
     calls.clear()
     monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
@@ -150,7 +152,7 @@ def test_a_config_edited_while_its_run_trains_is_retrained(tmp_path, monkeypatch
     out = tmp_path / "out"
     runner.run_suite(suite, out, root=ROOT)
     (plan,) = load_suite(suite, ROOT).runs
-    assert runner.finished_result(out, plan) is None  # the edited config has no result yet
+    assert Store(out).finished(plan.slug, plan.key()) is None  # the edited config has no result yet
 
 
 @pytest.mark.parametrize("suite", ["mnist", "cifar10"])
@@ -201,3 +203,153 @@ def test_readme_quick_table_is_the_committed_snapshots():
     suite = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT)
     assert {run.key() for run in suite.runs} == {row["key"] for row in results["runs"]}, \
         "the snapshot was not produced by the committed quick suite and configs: rerun make benchmark and copy it"
+
+
+# --- issue 19: bad suite files, extra arguments in the key, a failed rerun -----------------------------------
+
+def _dataset(**changes) -> dict:
+    return {"8gaussians": {**TINY["datasets"]["8gaussians"], **changes}}
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    ("name: tiny\nseeds: [0, 1\n", "not valid YAML", "line 3"),
+    ("- just\n- a list\n", "must hold a mapping", "quick.yaml"),
+    (dict(seeds="foo"), "'seeds' must be a non-empty list of distinct whole numbers", "seeds: [0, 1]"),
+    (dict(seeds=[]), "'seeds'", "seeds: [0, 1]"),
+    (dict(datasets=[]), "'datasets' must be a mapping", "datasets: {8gaussians:"),
+    (dict(datasets={}), "'datasets' must be a non-empty mapping", "datasets: {8gaussians:"),
+    (dict(models="realnvp"), "'models' must be a non-empty list", "models: [vae, flow_matching]"),
+    (dict(datasets=_dataset(steps="x")), "'datasets.8gaussians.steps' must be a whole number >= 1", "steps: 600"),
+    (dict(datasets=_dataset(steps=0)), "'datasets.8gaussians.steps' must be a whole number >= 1", "steps: 600"),
+    (dict(datasets=_dataset(steps=-5)), "got -5", "steps: 600"),
+    (dict(datasets=_dataset(steps=1.5)), "optimizer steps", "steps: 600"),
+    (dict(datasets=_dataset(batch_size=0)), "'datasets.8gaussians.batch_size' must be a whole number >= 1",
+     "batch_size: 512"),
+    (dict(trainer=["max_steps", 5]), "'trainer' must be a mapping", "trainer: {limit_val_batches: 0}"),
+    (dict(evaluation={"n_samples": "many"}), "'n_samples' for 8gaussians must be int", "evaluation:"),
+    (dict(models=["no_such_model"]), "no config", "fix 'datasets.8gaussians.models' (or 'models')"),
+    (dict(overrides=[{"model": "realnvp", "args": {}}]), "needs a 'reason'", "overrides: [{model: realnvp, reason:"),
+])
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_malformed_suite_stops_with_one_paragraph_before_anything_is_written(tmp_path, capsys, text, key, fix,
+                                                                             dry):
+    """Exit status non-zero, the file, the key and the fix in one message, no traceback, no --out."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text if isinstance(text, str) else yaml.safe_dump({**TINY, **text}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(["--suite", str(suite), "--out", str(out)] + (["--dry-run"] if dry else []))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and str(suite) in message and key in message and fix in message, message
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_extra_fit_arguments_are_part_of_the_key_but_cosmetic_ones_are_not():
+    plan = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT).runs[0]
+    assert plan.with_extra([]).key() == plan.key()  # the committed snapshot's keys stay valid
+    changed = {plan.with_extra(extra).key() for extra in (
+        ["--model.init_args.lr", "1e-9"], ["--model.init_args.lr=1e-9"], ["--trainer.precision", "bf16-mixed"],
+        ["--trainer.devices", "2"], ["--trainer.accumulate_grad_batches", "2"], ["--data.num_workers", "1"])}
+    assert len(changed) == 6 and plan.key() not in changed
+    for cosmetic in (["--trainer.enable_progress_bar", "false"], ["--trainer.enable_model_summary=false"]):
+        assert plan.with_extra(cosmetic).key() == plan.key()
+    assert plan.with_extra(["--trainer.enable_progress_bar", "false", "--model.init_args.lr", "1e-9"]).key() == \
+        plan.with_extra(["--model.init_args.lr", "1e-9"]).key()
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "runs").rglob("*")) if p.is_file()}
+
+
+def _count_runs(monkeypatch) -> list[str]:
+    calls = []
+    real_run_one = runner.run_one
+    monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
+    return calls
+
+
+def test_an_extra_argument_is_another_run_which_replaces_the_result_when_it_finishes(tmp_path, monkeypatch):
+    """`--model.init_args.lr 1e-9` changes the key: the run is retrained (not served the old result) and its
+    result replaces the old one; the same command again reuses it."""
+    suite, out = write_suite(tmp_path, models=["realnvp"], overrides=[]), tmp_path / "out"
+    calls = _count_runs(monkeypatch)
+    runner.run_suite(suite, out, root=ROOT)
+    first = json.loads((out / "results.json").read_text())["runs"][0]
+    runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
+    assert calls == ["realnvp/8gaussians/seed0"] * 2
+    (slow,) = json.loads((out / "results.json").read_text())["runs"]
+    assert slow["key"] != first["key"] and slow["nll_exact"] != first["nll_exact"]
+    assert slow["extra_arguments"] == ["--model.init_args.lr", "1e-9"]
+    assert "--model.init_args.lr 1e-9" in slow["command"] and "default_root_dir" not in slow["command"]
+    runner.run_suite(suite, out, root=ROOT, extra=["--model.init_args.lr", "1e-9"])
+    assert len(calls) == 2
+    # The report of the suite without the extra argument does not mix that result in: it names it as stale.
+    plain = load_suite(suite, ROOT)
+    table = runner.write_suite_report(plain, plain.runs, Store(out), ROOT, "csv", [])
+    assert "- has a result of other settings (config, arguments or evaluation changed since), not shown: " \
+        "realnvp/8gaussians/seed0" in table.read_text()
+    assert json.loads((out / "results.json").read_text())["runs"] == []
+
+
+@pytest.mark.parametrize("bad_rerun", ["extra argument", "suite recipe"])
+def test_a_failed_rerun_leaves_the_finished_run_byte_identical(tmp_path, monkeypatch, bad_rerun):
+    """A rerun whose settings fail inside the run (a negative learning rate, only noticed once training
+    starts) exits non-zero naming the run and the reason, and leaves every byte of the finished
+    run as it was (no attempt directory left either); the good settings then reuse it without training."""
+    suite, out = write_suite(tmp_path, models=["realnvp"], overrides=[]), tmp_path / "out"
+    calls = _count_runs(monkeypatch)
+    runner.run_suite(suite, out, root=ROOT)
+    before = _run_files(out)
+    command = ["--suite", str(suite), "--out", str(out)]
+    if bad_rerun == "extra argument":
+        command += ["--model.init_args.lr", "-1"]
+        reason = "Invalid learning rate"
+    else:
+        write_suite(tmp_path, models=["realnvp"], overrides=[], recipe={"model.init_args.lr": -1.0})
+        reason = "Invalid learning rate"
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(command)
+    message = str(stop.value.code)
+    assert "1 of 1 runs failed" in message and f"realnvp/8gaussians/seed0: {reason}" in message, message
+    assert _run_files(out) == before
+    assert f"failed: {reason}" in (out / "table.md").read_text()
+
+    write_suite(tmp_path, models=["realnvp"], overrides=[])
+    runner.run_suite(suite, out, root=ROOT)
+    assert len(calls) == 2 and _run_files(out) == before
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 1
+
+
+def test_a_run_that_stops_short_of_its_budget_is_not_published(tmp_path):
+    """A run that stops early (here --trainer.max_time expires at once; also a NonFiniteGuard stop or a signal)
+    fails instead of publishing numbers of a shorter training."""
+    suite = write_suite(tmp_path, models=["realnvp"], overrides=[])
+    with pytest.raises(runner.RunsFailed, match="training stopped after 0 of 6 optimizer steps"):
+        runner.run_suite(suite, tmp_path / "out", root=ROOT, extra=["--trainer.max_time", "00:00:00:00"])
+    assert not (tmp_path / "out" / "runs" / "8gaussians__realnvp__seed0").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trainer.default_root_dir", "elsewhere"], "places every run in <--out>/runs/ itself"),
+    # Before the fix these trained 0 steps (exit 0, an untrained result published) or rows reported the
+    # suite's batch size for runs trained at another.
+    (["--trainer.max_steps", "0"], "sets every run's dataset and budget"),
+    (["--trainer.max_steps=-5"], "sets every run's dataset and budget"),
+    (["--data.batch_size", "7"], "change them in (a copy of) the suite file"),
+    (["--trainer.max_epochs", "1"], "datasets.<name>.steps and .batch_size in"),
+])
+def test_the_benchmark_refuses_to_be_told_where_to_put_its_runs_or_how_long_to_train(tmp_path, capsys, extra,
+                                                                                     message):
+    with pytest.raises(SystemExit) as stop:
+        runner.benchmark_main(["--suite", str(write_suite(tmp_path, models=["realnvp"], overrides=[])),
+                               "--out", str(tmp_path / "out")] + extra)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and extra[0] in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_writes_nothing(tmp_path):
+    runner.dry_run(load_suite(write_suite(tmp_path), ROOT), tmp_path / "out", [])
+    assert not (tmp_path / "out").exists()

@@ -3,13 +3,11 @@ belong to their examples, on every loader and under DDP sharding; unlabelled dat
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import MODEL_DATA_FACTS
@@ -85,28 +83,17 @@ def test_split_labels_cover_every_split():
         assert set(labels.tolist()) == set(range(10))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shard_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dm = GenerativeDataModule("digits", batch_size=32, eval_batch_size=25, conditional=True)
-        result = {}
-        for split, loader in (("train", dm.train_dataloader()), ("test", dm.test_dataloader())):
-            batches = list(loader)
-            result[split] = (len(batches), torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-        torch.save(result, f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _shard_worker(rank: int, world: int, out: str) -> None:
+    dm = GenerativeDataModule("digits", batch_size=32, eval_batch_size=25, conditional=True)
+    result = {}
+    for split, loader in (("train", dm.train_dataloader()), ("test", dm.test_dataloader())):
+        batches = list(loader)
+        result[split] = (len(batches), torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    torch.save(result, f"{out}/rank{rank}.pt")
 
 
 def test_two_gloo_ranks_shard_labelled_batches_disjointly_and_completely(tmp_path):
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_shard_worker, str(tmp_path), directory=tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     dm = GenerativeDataModule("digits", conditional=True)
     for split in ("train", "test"):

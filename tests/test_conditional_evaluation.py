@@ -3,12 +3,10 @@ each requested class, class-conditional FID/KID with real-vs-real floors, and DD
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 from torch import Tensor, nn
 
 from lightning_flows.data import GenerativeDataModule
@@ -113,23 +111,12 @@ def test_guidance_reaches_the_model_and_labels_the_result(classifier_file, tmp_p
     assert metric_names(result)["class_accuracy"].endswith("_w2.5") and metric_names(result)["fid"].endswith("_w2.5")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, classifier_path: str, cache_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        x, y = correctly_classified_train_digits(classifier_path)
-        result = Evaluator(spec(classifier_path, cache_dir)).evaluate(RealImages(x, y, follows_labels=False),
-                                                                       GenerativeDataModule("digits", conditional=True))
-        torch.save(result, f"{out}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, world: int, classifier_path: str, cache_dir: str, out: str) -> None:
+    torch.manual_seed(0)
+    x, y = correctly_classified_train_digits(classifier_path)
+    result = Evaluator(spec(classifier_path, cache_dir)).evaluate(RealImages(x, y, follows_labels=False),
+                                                                   GenerativeDataModule("digits", conditional=True))
+    torch.save(result, f"{out}/rank{rank}.pt")
 
 
 def test_two_gloo_ranks_give_the_single_process_class_metrics(classifier_file, tmp_path):
@@ -137,7 +124,7 @@ def test_two_gloo_ranks_give_the_single_process_class_metrics(classifier_file, t
     x, y = correctly_classified_train_digits(classifier_file)
     single = Evaluator(spec(classifier_file, cache)).evaluate(RealImages(x, y, follows_labels=False),
                                                               GenerativeDataModule("digits", conditional=True))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(classifier_file), str(cache), str(tmp_path)), nprocs=2)
+    run_ranks(_ddp_worker, str(classifier_file), str(cache), str(tmp_path), directory=tmp_path)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for key in ("class_accuracy", "class_fid", "class_kid", "class_fid_floor", "fid"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from subprocess_runs import run as run_process
 from lightning_flows.checkpoints import load_model_and_data
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.flow_matching import MinibatchOTCoupling, TimeSampler, TrainingBatchDraw
@@ -202,8 +202,7 @@ def test_conditional_checkpoint_rebuilds_a_conditional_datamodule_and_model(tmp_
 @pytest.mark.parametrize("family", ["flow_matching", "diffusion"])
 def test_two_gloo_ranks_train_on_their_own_labelled_shards_and_end_identical(tmp_path, family):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROBE), str(tmp_path), family, "3"], env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = run_process([sys.executable, str(PROBE), str(tmp_path), family, "3"], timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["y"].shape == (48,) and not torch.equal(ranks[0]["x"], ranks[1]["x"])

@@ -46,6 +46,31 @@ def test_splits_are_disjoint_and_deterministic():
     assert len(flat(a.val) & flat(a.test)) <= 2
 
 
+@pytest.mark.parametrize("n, n_val, n_test", [(1797, 180, 180), (5000, 500, 500), (30, 5, 7)])
+def test_test_split_is_the_same_for_every_data_seed_and_disjoint_from_train_and_val(n, n_val, n_test):
+    """The evaluation reference (test) never meets any seed's training data, nor the feature classifier's
+    (trained on the seed-0 training split), and seed 0 keeps the splits it always had."""
+    from lightning_flows.data.registry import _split_indices
+
+    train0, val0, test0 = _split_indices(n, n_val, n_test, seed=0)
+    legacy = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(val0, legacy[:n_val]) and torch.equal(test0, legacy[n_val:n_val + n_test])
+    assert torch.equal(train0, legacy[n_val + n_test:])
+    for seed in range(1, 6):
+        train, val, test = _split_indices(n, n_val, n_test, seed)
+        assert torch.equal(test, test0)
+        assert (len(train), len(val)) == (n - n_val - n_test, n_val)
+        assert torch.equal(torch.cat([train, val, test]).sort().values, torch.arange(n))  # a partition
+        assert not torch.equal(train, train0)  # the seed still reshuffles train/val
+
+
+def test_digits_test_images_are_the_same_for_every_data_seed():
+    reference = load_dataset("digits", seed=0)
+    other = load_dataset("digits", seed=3)
+    assert torch.equal(reference.test, other.test) and torch.equal(reference.test_labels, other.test_labels)
+    assert not torch.equal(reference.val, other.val)
+
+
 @pytest.mark.parametrize("name", sorted(TOY_LOG_DENSITIES))
 def test_toy_true_log_densities_integrate_to_one(name):
     n = 1601  # grid on [-6, 6]^2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from subprocess_runs import run as run_process
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.data.facts import accepted_data_facts, data_facts_for, fill_data_facts
 from lightning_flows.data.quantisation import (
@@ -223,13 +224,11 @@ def test_discrete_decoders_under_two_cpu_ranks(tmp_path, family):
     conv decoder has BatchNorm, whose running statistics are per rank on CPU, where Lightning's
     sync_batchnorm is unavailable; its scores are only checked to be finite.)"""
     import os
-    import subprocess
     import sys
 
     probe = Path(__file__).with_name("ddp_discrete_probe.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(probe), str(tmp_path), "3", family], env=env, capture_output=True,
-                            text=True, timeout=280)
+    result = run_process([sys.executable, str(probe), str(tmp_path), "3", family], timeout=280, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"{family}_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["world_size"] == 2 and rank0["data_levels"] == rank1["data_levels"] == 17

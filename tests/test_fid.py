@@ -81,9 +81,12 @@ def test_reference_features_are_cached_keyed_and_recomputed_when_stale(tmp_path,
     path = reference_cache_path(tmp_path, digits, "test", classifier_extractor)
     assert path.is_file() and first.shape == (180, 64)
     assert torch.equal(reference_features(classifier_extractor, digits, "test", tmp_path, 0, 1, cpu), first)
-    # Another data seed is another split: another key, so the first file is never used for it.
+    # The key is the split's content: every data seed shares the fixed test split (so its features are
+    # computed once), while another seed's training split is other images and so another file.
     other = GenerativeDataModule("digits", seed=1)
-    assert reference_cache_path(tmp_path, other, "test", classifier_extractor) != path
+    assert reference_cache_path(tmp_path, other, "test", classifier_extractor) == path
+    assert (reference_cache_path(tmp_path, other, "train", classifier_extractor)
+            != reference_cache_path(tmp_path, digits, "train", classifier_extractor))
     # A truncated file is recomputed (with a warning), not trusted.
     path.write_bytes(path.read_bytes()[:100])
     with pytest.warns(UserWarning, match="stale or unreadable"):
@@ -126,8 +129,7 @@ def test_inception_path_runs_offline_and_gives_a_finite_fid(random_inception_wei
 
 
 def test_inception_without_weights_offline_names_the_fix():
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url",
-                    side_effect=OSError("no network")):
+    with mock.patch("torch.hub.load_state_dict_from_url", side_effect=OSError("no network")):
         with pytest.raises(RuntimeError, match="feature_extractor_weights_path"):
             InceptionFeatures(None)
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from lightning_flows.flows import (ActNorm, AffineCoupling, ConvConditioner, FactorOut, FlowSequence,
                                    InvertibleConv1x1, LogitPreprocess, MLPConditioner, NormalizingFlow, Reshape,
@@ -206,32 +206,25 @@ def test_actnorm_is_identity_in_eval_before_init_and_flag_survives_state_dict():
     assert torch.equal(fresh.bias, layer.bias) and torch.equal(fresh.log_scale, layer.log_scale)
 
 
-def _ddp_actnorm_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
-    import torch.distributed as dist
+def _ddp_actnorm_worker(rank: int, world: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    # A file rendezvous, not a TCP port: picking a "free" port and binding it later raced with other
-    # processes on the machine (the test failed once when another run took the port in between).
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts them)
-        flow = FlowSequence([ActNorm(3), AffineCoupling(channel_mask((3, 4, 4)), ConvConditioner(3, 8))]).double()
-        model = DistributedDataParallel(flow)
-        # Each rank sees a very different shard.
-        gen = torch.Generator().manual_seed(100 + rank)
-        x = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64) * (1 + 4 * rank) + 3 * rank
-        z, log_det = model(x)
-        (-(z ** 2).mean() + log_det.mean()).backward()
-        torch.save({"bias": flow.layers[0].bias.detach(), "log_scale": flow.layers[0].log_scale.detach(), "x": x},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts them)
+    flow = FlowSequence([ActNorm(3), AffineCoupling(channel_mask((3, 4, 4)), ConvConditioner(3, 8))]).double()
+    model = DistributedDataParallel(flow)
+    # Each rank sees a very different shard.
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64) * (1 + 4 * rank) + 3 * rank
+    z, log_det = model(x)
+    (-(z ** 2).mean() + log_det.mean()).backward()
+    torch.save({"bias": flow.layers[0].bias.detach(), "log_scale": flow.layers[0].log_scale.detach(), "x": x},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # spawned ranks import torch afresh: tens of seconds on a busy machine
 def test_actnorm_init_identical_across_two_ddp_ranks(tmp_path):
-    mp.spawn(_ddp_actnorm_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    run_ranks(_ddp_actnorm_worker, str(tmp_path), directory=tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not torch.equal(r0["x"], r1["x"])
     assert torch.equal(r0["bias"], r1["bias"]) and torch.equal(r0["log_scale"], r1["log_scale"])
     # And they are the statistics of the *global* batch, not of either shard.

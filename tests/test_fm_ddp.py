@@ -1,13 +1,13 @@
 """OT-coupled flow matching under 2-rank gloo DDP: per-rank noise, reproducible from the seed, replicas in sync."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from subprocess_runs import run as run_process
 from lightning_flows.flow_matching import MinibatchOTCoupling, TimeSampler, TrainingBatchDraw, batch_generator
 
 PROBE = Path(__file__).with_name("fm_ddp_probe.py")
@@ -17,8 +17,7 @@ PROBE = Path(__file__).with_name("fm_ddp_probe.py")
 def test_ot_coupling_draws_different_reproducible_noise_on_each_rank(tmp_path):
     steps = 3
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROBE), str(tmp_path), str(steps)], env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = run_process([sys.executable, str(PROBE), str(tmp_path), str(steps)], timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     (x0_a, x1_a, t_a), (x0_b, x1_b, t_b) = ranks[0]["batches"], ranks[1]["batches"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from subprocess_runs import run as run_process
 from lightning_flows.callbacks import NonFiniteGuard
 from lightning_flows.callbacks.non_finite import non_finite_flag, skips_on_device
 from lightning_flows.models import RealNVP
@@ -237,6 +237,8 @@ DDP_SCRIPT = textwrap.dedent('''
     trainer.fit(model, DataLoader(OnlyRankOneGetsNaN(), batch_size=None))
     torch.save({"skipped": guard.skipped_steps, "state": model.state_dict()},
                f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+    from lightning_flows.cli import end_distributed
+    end_distributed()
 ''')
 
 
@@ -247,8 +249,7 @@ def test_ddp_ranks_agree_to_skip_when_only_one_sees_nan(tmp_path, optimizer):
     script = tmp_path / "guard_ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), optimizer], env=env, capture_output=True,
-                            text=True, timeout=240)
+    result = run_process([sys.executable, str(script), str(tmp_path), optimizer], timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == 1

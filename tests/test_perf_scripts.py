@@ -1,9 +1,13 @@
-"""The performance scripts run: the GPU check refuses clearly without a GPU and runs every configuration on
-the CPU in its dry-run mode; the overhead, trace-cost and peer benchmarks work end to end (small sizes)."""
+"""The performance scripts run as their docstrings say: the GPU check refuses clearly without a GPU and runs every
+configuration on the CPU in its dry-run mode; the throughput, overhead, CNF, trace-cost, toy-NLL, likelihood-tolerance
+and peer benchmarks work end to end at small sizes. (The NFE and guidance sweeps: tests/test_nfe_sweep.py and
+tests/test_guidance_sweep.py.) Scripts that are not about process-level behaviour run in this process, through
+their ``main(argv)``, so that each costs seconds."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,10 +51,11 @@ def test_gpu_check_dry_run_prints_a_line_per_configuration():
 
 
 @pytest.mark.timeout(600)
-def test_throughput_script_times_a_fit_window():
+def test_throughput_script_times_a_fit_window(tmp_path):
     result = run([sys.executable, str(BENCH / "throughput.py"), "--label", "t", "--config",
                   "experiments/toy2d/flow_matching.yaml", "--steps", "3", "--warmup", "2", "--",
-                  "--trainer.accelerator", "cpu", "--trainer.devices", "1"])
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                  "--trainer.default_root_dir", str(tmp_path)])  # its config.yaml: not in the checkout's runs/
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT t "))
     assert float(line.split("images/s=")[1].split()[0]) > 0 and "steps=3" in line
@@ -103,3 +108,103 @@ def test_likelihood_tolerance_table_loosens_the_solver_and_restores_it():
     assert model.likelihood_solver == before
     with pytest.raises(ValueError, match="no ODE likelihood_solver"):
         _likelihood_tolerance_module().tolerance_rows(RealNVP(data_shape=(2,)), datamodule, [1e-5])
+
+
+def _script(name: str):
+    """``experiments/benchmarks/<name>.py`` as a module (its ``main(argv)`` is what ``python <script>`` runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_cnf_benchmark_tiny_runs_both_tables(capsys):
+    _script("cnf_benchmark").main(["--tiny"])
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "fixed" not in line
+            and "---" not in line and "hidden" not in line] == ["2", "4", "16"]
+    assert "speed-up" in out and "total wall time" in out
+
+
+@pytest.mark.timeout(300)
+def test_trace_cost_runs_on_chosen_shapes(capsys):
+    _script("trace_cost").main(["--shapes", "2", "1x8x8", "--batch", "2", "--repeats", "1", "--max-chunks", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |") or
+            line.startswith("| 1x8x8 |")]
+    assert len(rows) == 2 and rows[1].endswith("| all |")  # D = 64 fits one chunk of 64 rows
+
+
+@pytest.mark.timeout(600)
+def test_toy_nll_tiny_writes_both_tables(tmp_path):
+    _script("toy_nll").main(["--tiny", "--out", str(tmp_path), "--jobs", "1"])
+    report = (tmp_path / "toy_nll.md").read_text()
+    assert "| 8gaussians | ours: realnvp | 3 |" in report and "(exact)" in report
+    assert re.search(r"\| realnvp \| \d+\.\d{3} \| exact \|", report)  # digits bits/dim beside the baselines
+    assert "baseline: independent pixels (digits)" in report
+
+
+def test_likelihood_tolerance_script_reads_a_checkpoint_and_prints_a_row_per_tolerance(tmp_path, capsys):
+    import torch
+
+    from lightning_flows.checkpoints import MODEL_CLASS_KEY, model_class_name
+    from lightning_flows.models import FlowMatching
+
+    torch.manual_seed(0)
+    model = FlowMatching((2,), backbone="mlp", hidden=16, depth=2)
+    checkpoint = tmp_path / "fm.ckpt"
+    torch.save({MODEL_CLASS_KEY: model_class_name(FlowMatching), "state_dict": model.state_dict(),
+                "hyper_parameters": dict(model.hparams), "datamodule_hyper_parameters": {"dataset": "8gaussians"}},
+               checkpoint)
+    _likelihood_tolerance_module().main([str(checkpoint), "--tolerances", "1e-4", "1e-2", "--max-examples", "50",
+                                         "--batch-size", "50"])
+    out = capsys.readouterr().out
+    assert f"{checkpoint} (FlowMatching on 8gaussians, nats)" in out
+    assert len(re.findall(r"tol 1e-0[24]: NFE +\d+", out)) == 2 and "(+0.00000)" in out
+
+
+# ---- peers.py: its scratch venv, and our side of the likelihood comparison ----
+@pytest.mark.timeout(300)
+def test_peers_scratch_venv_sees_this_environment(tmp_path):
+    """``peers.py --install`` from inside a virtual environment (``make install``'s): the scratch venv must import
+    torch, lightning and lightning-flows (a plain ``--system-site-packages`` venv sees the base interpreter's
+    packages instead). Made without pip here; --install makes it with pip and installs the peers into it."""
+    python = _script("peers").make_scratch_venv(tmp_path / "venv", with_pip=False)
+    # Where the venv's python finds each package (found, not imported: importing lightning costs seconds).
+    code = ("import importlib.metadata as d, importlib.util as u; print(d.version('torch'), *(u.find_spec(m).origin "
+            "for m in ('lightning', 'jsonargparse', 'torchdiffeq')))")
+    probe = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    import importlib.metadata
+    import importlib.util
+
+    version, lightning_origin, *_ = probe.stdout.split()
+    assert version == importlib.metadata.version("torch")
+    assert lightning_origin == importlib.util.find_spec("lightning").origin
+    assert _script("peers").make_scratch_venv(tmp_path / "venv", with_pip=False) == python  # reruns reuse it
+
+
+def test_peers_likelihood_comparison_calls_our_log_prob_with_the_solver():
+    import torch
+
+    from lightning_flows.models import FlowMatching
+    from lightning_flows.ode import SolverConfig
+
+    torch.manual_seed(0)
+    model = FlowMatching(data_shape=(2,), backbone="mlp", hidden=16, depth=2, likelihood_divergence="exact").eval()
+    x = torch.randn(5, 2)
+    log_p, nfe = _script("peers").exact_log_prob(model, x, SolverConfig(method="rk4", steps=3))
+    assert log_p.shape == (5,) and log_p.isfinite().all() and nfe == 12  # the solver given, not the model's own
+
+
+@pytest.mark.timeout(600)
+def test_peers_benchmark_with_the_peers_installed(tmp_path):
+    probe = run([sys.executable, "-c", "import torchcfm, flow_matching, normflows"])
+    if probe.returncode != 0:
+        pytest.skip("the peers are not installed here (peers.py --install puts them in a scratch venv)")
+    result = run([sys.executable, str(BENCH / "peers.py"), "--rounds", "1", "--fm-train-steps", "2",
+                  "--flow-steps", "8"], timeout=580)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("| ")]) == 6

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 
+from subprocess_runs import run as run_process
 from lightning_flows.callbacks.progress import IntervalProgressBar
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.evaluation.likelihood import split_likelihood
@@ -252,8 +252,8 @@ def test_cli_runs_have_the_interval_bar_and_the_performance_switches(tiny_fit, t
 @pytest.mark.timeout(300)
 def test_switches_under_two_cpu_ranks_keep_replicas_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("perf_ddp_probe.py")), str(tmp_path), "3"],
-                            env=env, capture_output=True, text=True, timeout=280)
+    result = run_process([sys.executable, str(Path(__file__).with_name("perf_ddp_probe.py")), str(tmp_path), "3"],
+                         timeout=280, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for r in (r0, r1):

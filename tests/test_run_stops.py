@@ -181,3 +181,64 @@ def test_atomic_io_is_what_the_trainer_writes_with(tmp_path):
 
     cli_ = build_cli(["fit", "--config", TOY, *SMALL, *_dirs(tmp_path), "--trainer.max_steps", "2"])
     assert isinstance(cli_.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---- `--ckpt_path last` after a kill: the furthest complete checkpoint, no temporary files left ----
+@pytest.fixture(scope="module")
+def run_killed_while_saving_last(tmp_path_factory):
+    """A 4-step run with periodic checkpoints at steps 2 and 4, turned into what a SIGKILL during the step-4 save
+    of last.ckpt leaves: step=4.ckpt written, last.ckpt still the step-2 state (older), and the half-written
+    temporary file of the dead writer."""
+    root = tmp_path_factory.mktemp("killed")
+    main(["fit", "--config", TOY, *SMALL, *_dirs(root), "--trainer.max_steps", "4",
+          "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1", "--sample_grid.n", "0"])
+    checkpoints = root / "toy2d_flow_matching" / "version_0" / "checkpoints"
+    step2, step4, last = (checkpoints / "epoch=0-step=2.ckpt", checkpoints / "epoch=0-step=4.ckpt",
+                          checkpoints / "last.ckpt")
+    last.write_bytes(step2.read_bytes())
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    temporary = checkpoints / f".last.ckpt.{dead.pid}.0123abcd.tmp"
+    temporary.write_bytes(step4.read_bytes()[:1000])
+    for age, path in ((300, step2), (200, last), (100, step4), (100, temporary)):
+        os.utime(path, (time.time() - age, time.time() - age))
+    return root
+
+
+def _copy_tree(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target, copy_function=shutil.copy2)  # copy2 keeps the modification times
+    return target
+
+
+def _resume_last(root: Path, max_steps: int = 6) -> Path:
+    main(["fit", "--config", TOY, *SMALL, *_dirs(root), "--trainer.max_steps", str(max_steps),
+          "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1", "--sample_grid.n", "0",
+          "--ckpt_path", "last"])
+    return root / "toy2d_flow_matching" / "version_1" / "checkpoints"
+
+
+def test_ckpt_path_last_after_a_kill_resumes_from_the_newest_complete_checkpoint(run_killed_while_saving_last,
+                                                                                  tmp_path):
+    root = _copy_tree(run_killed_while_saving_last, tmp_path / "runs")
+    killed = root / "toy2d_flow_matching" / "version_0" / "checkpoints"
+    live = killed / f".last.ckpt.{os.getpid()}.89abcdef.tmp"  # a writer that still runs: left alone
+    live.write_bytes(b"")
+    resumed = _resume_last(root)
+    # From step 4 the resumed run trains steps 5-6 only: it writes step 6, never step 4 again.
+    assert sorted(p.name for p in resumed.glob("*.ckpt")) == ["epoch=0-step=6.ckpt", "last.ckpt"]
+    assert _step_of(resumed / "last.ckpt") == 6
+    assert [p.name for p in killed.glob(".*.tmp")] == [live.name]  # the dead writer's file is gone
+
+
+def test_ckpt_path_last_goes_by_training_progress_not_by_file_times(run_killed_while_saving_last, tmp_path):
+    """A copied run directory (cp, rsync without -t) gets new file times: the step-2 file can look newest."""
+    root = _copy_tree(run_killed_while_saving_last, tmp_path / "runs")
+    killed = root / "toy2d_flow_matching" / "version_0" / "checkpoints"
+    os.utime(killed / "epoch=0-step=2.ckpt")  # now
+    (killed / "broken.ckpt").write_bytes((killed / "epoch=0-step=4.ckpt").read_bytes()[:5000])  # a copy cut short
+    os.utime(killed / "broken.ckpt")
+    with pytest.warns(UserWarning, match=r"Skipping checkpoints that cannot be read: .*broken.ckpt"):
+        resumed = _resume_last(root)
+    assert sorted(p.name for p in resumed.glob("*.ckpt")) == ["epoch=0-step=6.ckpt", "last.ckpt"]

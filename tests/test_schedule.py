@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import lightning_flows.models as models
+from subprocess_runs import run as run_process
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.models import GAN, GenerativeModel
 from lightning_flows.models.schedule import budget_progress, lr_factor
@@ -128,14 +129,12 @@ def test_bad_recipe_names_the_choices():
 @pytest.mark.timeout(300)
 def test_time_budgeted_cosine_and_ema_agree_across_two_ddp_ranks(tmp_path):
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
     probe = Path(__file__).with_name("ddp_schedule_probe.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(probe), str(tmp_path), "4"], env=env, capture_output=True,
-                            text=True, timeout=240)
+    result = run_process([sys.executable, str(probe), str(tmp_path), "4"], timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] > 5

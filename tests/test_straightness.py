@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.evaluation import EvaluationSpec, Evaluator
@@ -73,21 +72,8 @@ class _NoODE(FlowMatching):
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _straightness_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(_trained_like_straightness(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _straightness_worker(rank: int, world: int, out_dir: str) -> None:
+    torch.save(_trained_like_straightness(), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _trained_like_straightness() -> dict:
@@ -98,10 +84,10 @@ def _trained_like_straightness() -> dict:
     return Evaluator(spec).evaluate(model, GenerativeDataModule("8gaussians"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # spawned ranks import torch afresh: tens of seconds on a busy machine
 def test_straightness_on_two_ddp_ranks_equals_one_process(tmp_path):
     single = _trained_like_straightness()
-    mp.spawn(_straightness_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_straightness_worker, str(tmp_path), directory=tmp_path)
     for rank in (0, 1):
         ranked = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert ranked["straightness"] == pytest.approx(single["straightness"], rel=1e-6)

@@ -1,6 +1,7 @@
 """CNF machinery, measured: adjoint vs direct memory, torch.func trace speed.
 
     python experiments/benchmarks/cnf_benchmark.py
+    python experiments/benchmarks/cnf_benchmark.py --tiny   # seconds: every stage at toy sizes (numbers meaningless)
 
 (The toy2d NLL gaps of every likelihood family are measured through the shared evaluator by
 ``experiments/benchmarks/toy_nll.py``.)
@@ -67,11 +68,16 @@ def memory_probe(steps: int, adjoint: bool) -> float:
     return peak - before
 
 
-def memory_table() -> list[tuple[int, float, float]]:
+def memory_table(step_counts=MEMORY_STEPS, fresh_processes: bool = True) -> list[tuple[int, float, float]]:
+    """``(steps, direct MiB, adjoint MiB)`` rows; ``fresh_processes=False`` (``--tiny``) probes in this process,
+    which only checks the wiring: peaks of earlier probes mask later ones."""
     rows = []
-    for steps in MEMORY_STEPS:
+    for steps in step_counts:
         peaks = []
         for adjoint in (False, True):
+            if not fresh_processes:
+                peaks.append(memory_probe(steps, adjoint))
+                continue
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             out = subprocess.run([sys.executable, __file__, "--memory-probe", str(steps), str(int(adjoint))],
                                  capture_output=True, text=True, check=True, env=env)
@@ -113,17 +119,19 @@ def trace_speed(hidden: int, batch: int, dim: int = 64, repeats: int = 10) -> di
             "hidden": hidden, "batch": batch}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-probe", nargs=2, type=int, help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true",
+                        help="2 and 4 steps probed in this process, one small trace case: checks every stage")
+    opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     if opts.memory_probe:
         print(memory_probe(opts.memory_probe[0], bool(opts.memory_probe[1])))
         return
     total = time.perf_counter()
 
-    rows = memory_table()
+    rows = memory_table((2, 4), fresh_processes=False) if opts.tiny else memory_table()
     print("\n## 1. Peak memory of one CNF training step (MiB above the pre-step RSS; D=2, batch 256, "
           "exact trace, ConcatSquashMLP 256x3, Euler)")
     print("| fixed steps | direct backprop | adjoint |")
@@ -138,8 +146,8 @@ def main() -> None:
           "ConcatSquashMLP depth 3")
     print("| hidden | batch | torch.func (ms) | Python loop over D (ms) | speed-up | max abs difference |")
     print("|---|---|---|---|---|---|")
-    for hidden, batch in ((64, 16), (64, 128), (256, 128)):
-        r = trace_speed(hidden, batch)
+    for hidden, batch in ((16, 4),) if opts.tiny else ((64, 16), (64, 128), (256, 128)):
+        r = trace_speed(hidden, batch, repeats=1 if opts.tiny else 10)
         print(f"| {hidden} | {batch} | {r['func'] * 1e3:.1f} | {r['loop'] * 1e3:.1f} | "
               f"{r['loop'] / r['func']:.1f}x | {r['max_diff']:.1e} |")
 

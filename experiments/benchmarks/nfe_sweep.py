@@ -339,7 +339,7 @@ def write_report(out: Path, payload: dict, budget: Budget) -> Path:
         if dataset == "digits":
             lines += [f"## {dataset}: FID, classifier features ({first['n_quality']} samples vs the "
                       f"{first['n_reference']} test digits; floor {fmt(first['fid_floor'])}: {first['n_floor']} "
-                      f"training digits)", ""]
+                      f"real digits of the {first.get('floor_split', 'train')} set)", ""]
             lines += quality_table(results, nfes, "fid") + [""]
             lines += summary_lines(results, nfes, "fid", first["fid_floor"]) + [""]
             stds = [r["kid_std"] for res in results.values() for r in res["sweep"]]

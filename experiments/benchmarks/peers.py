@@ -3,9 +3,9 @@
     python experiments/benchmarks/peers.py --install    # pip-installs the peers into a scratch venv, then runs
     python experiments/benchmarks/peers.py              # uses whichever peers are importable; skips the others
 
-Peers (installed from PyPI into ``--venv``, a ``python -m venv --system-site-packages`` environment, so torch
-and lightning-flows' own dependencies are shared; nothing of theirs is copied here): ``torchcfm``,
-``flow_matching`` (Meta) and ``normflows``.
+Peers (installed from PyPI into ``--venv``, a scratch virtual environment that sees this one's packages, so torch
+and lightning-flows' own dependencies are shared: :func:`make_scratch_venv`; nothing of theirs is copied here):
+``torchcfm``, ``flow_matching`` (Meta) and ``normflows``.
 
 1. **Flow-matching training step** vs torchcfm's ``ConditionalFlowMatcher`` (sigma = 0, the lecture's
    independent coupling): one optimizer step of our ``FlowMatching.training_loss`` against torchcfm's
@@ -44,12 +44,37 @@ DEFAULT_VENV = "/tmp/lightning-flows-peers"
 
 
 # ---- installing the peers ----
-def install_and_rerun(venv: Path, argv: list[str]) -> None:
-    """Create ``venv`` (sharing this interpreter's packages), pip-install the peers there, re-run inside it."""
+def make_scratch_venv(venv: Path, with_pip: bool = True) -> Path:
+    """Create ``venv`` (if needed) so that it sees this environment's packages; returns its python.
+
+    ``python -m venv --system-site-packages`` run from inside a virtual environment (``make install``'s) shares
+    the *base* interpreter's site-packages, not this environment's: no lightning, no torch. So the scratch venv
+    gets a ``.pth`` file that adds this environment's site directories (``site.addsitedir``, which also runs
+    their ``.pth`` files, e.g. an editable install's) after its own: the peers pip installs there come first,
+    and pip sees torch and the rest as installed instead of fetching them again.
+    """
+    import site
+    import sysconfig
+
     python = venv / "bin" / "python"
     if not python.exists():
-        print(f"creating {venv} (python -m venv --system-site-packages)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        print(f"creating {venv} (python -m venv, sharing {sys.prefix}'s packages)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(venv)],
+                       check=True)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    ours = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    if site.ENABLE_USER_SITE:
+        ours.append(site.getusersitepackages())
+    lines = [f"import site; site.addsitedir({directory!r})" for directory in dict.fromkeys(ours)
+             if Path(directory).is_dir() and Path(directory).resolve() != Path(purelib).resolve()]
+    (Path(purelib) / "lightning_flows_environment.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
+def install_and_rerun(venv: Path, argv: list[str]) -> None:
+    """Create ``venv`` (sharing this environment's packages), pip-install the peers there, re-run inside it."""
+    python = make_scratch_venv(venv)
     print(f"pip install {' '.join(PEERS.values())} into {venv}", flush=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS.values()], check=True)
     args = [a for a in argv if a != "--install"]
@@ -217,9 +242,7 @@ def likelihood_case(name: str, dataset: str, shape: tuple[int, ...], n: int, opt
 
     def ours():
         start = time.perf_counter()
-        with torch.no_grad():
-            results["ours"] = model.log_prob(x, config)
-        results["ours_nfe"] = model.last_log_prob_nfe
+        results["ours"], results["ours_nfe"] = exact_log_prob(model, x, config)
         return n / (time.perf_counter() - start)
 
     def theirs():
@@ -235,6 +258,15 @@ def likelihood_case(name: str, dataset: str, shape: tuple[int, ...], n: int, opt
     return row(f"exact log-likelihood, {name} ({n} examples, one batch)", "ex/s", res,
                f"dopri5 1e-5 both; max abs log p difference {gap:.1e}; NFE {results['ours_nfe']} vs "
                f"{results['theirs_nfe']}")
+
+
+def exact_log_prob(model, x, solver) -> tuple:
+    """Our side of the likelihood comparison: ``(log p(x): (B,), NFE)`` with the solver settings ``solver``."""
+    import torch
+
+    with torch.no_grad():
+        log_p = model.log_prob(x, solver=solver)  # (the second positional argument is class labels)
+    return log_p, model.last_log_prob_nfe
 
 
 def counted_velocity(velocity, wrapper_base):

@@ -2,6 +2,7 @@
 independent-pixel baseline. All numbers come from the benchmark runner and its one evaluator.
 
     python experiments/benchmarks/toy_nll.py [--out outputs/toy_nll] [--jobs 2] [--skip-digits]
+    python experiments/benchmarks/toy_nll.py --tiny --out /tmp/toy_nll   # seconds: every stage, numbers meaningless
 
 1. ``experiments/suites/toy_nll.yaml``: every likelihood family trained for 90 s (``max_time``) on 8gaussians
    and checkerboard from its committed toy2d config; exact test NLL on all 5,000 held-out points minus the
@@ -15,10 +16,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # runnable without `pip install -e .`
+
+# --tiny: the same stages on one small suite (RealNVP on 8 Gaussians and on digits; a few
+# steps, likelihood only on digits), written into --out instead of the committed suites.
+TINY_SUITE = """\
+name: toy_nll_tiny
+description: toy_nll.py --tiny, every stage in seconds; the numbers mean nothing.
+seeds: [0]
+models: [realnvp]
+datasets:
+  8gaussians:
+    configs: experiments/toy2d
+    steps: 3
+    batch_size: 64
+    evaluation: {n_samples: 200, max_likelihood_examples: 200, timing: false}
+  digits:
+    configs: experiments/digits
+    steps: 3
+    batch_size: 16
+    evaluation: {n_samples: 20, max_likelihood_examples: 20, quality: false, timing: false}
+evaluation: {sample_batch_size: 100, likelihood_batch_size: 100}
+trainer: {limit_val_batches: 0, num_sanity_val_steps: 0, enable_model_summary: false}
+"""
 
 # (density, library model) -> NLL gap in nats at 90 s, batch 512, 2 CPU cores (ANCHORS.md, 2026-11-28).
 PEERS = {
@@ -60,7 +85,7 @@ def digits_table(rows: list[dict], baselines: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from lightning_flows.benchmark.report import reference_likelihoods
     from lightning_flows.benchmark.runner import run_suite
 
@@ -69,16 +94,24 @@ def main() -> None:
     parser.add_argument("--quick-out", default="outputs/benchmark", help="where `make benchmark` wrote its runs")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (one thread each on 2 cores)")
     parser.add_argument("--skip-digits", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="every stage on a tiny suite written into --out")
+    opts = parser.parse_args(argv)
     start = time.perf_counter()
-    run_suite(ROOT / "experiments" / "suites" / "toy_nll.yaml", opts.out, jobs=opts.jobs, root=ROOT)
-    toy = json.loads((Path(opts.out) / "results.json").read_text())["runs"]
+    toy_suite = ROOT / "experiments" / "suites" / "toy_nll.yaml"
+    quick_suite, quick_out = ROOT / "experiments" / "suites" / "quick.yaml", opts.quick_out
+    if opts.tiny:
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        toy_suite = quick_suite = Path(opts.out) / "tiny_suite.yaml"
+        toy_suite.write_text(TINY_SUITE)
+        quick_out = opts.out
+    run_suite(toy_suite, opts.out, only=["8gaussians"] if opts.tiny else None, jobs=opts.jobs, root=ROOT)
+    toy = [r for r in json.loads((Path(opts.out) / "results.json").read_text())["runs"]
+           if r["dataset"] in ("8gaussians", "checkerboard")]
     report = ["## Toy densities: exact test NLL minus the true entropy at 90 s of training", "", toy_table(toy)]
     if not opts.skip_digits:
         likelihood_models = ["vae", "realnvp", "glow", "nsf", "cnf", "diffusion", "flow_matching"]
-        run_suite(ROOT / "experiments" / "suites" / "quick.yaml", opts.quick_out, only=["digits"], jobs=opts.jobs,
-                  root=ROOT)
-        quick = json.loads((Path(opts.quick_out) / "results.json").read_text())["runs"]
+        run_suite(quick_suite, quick_out, only=["digits"], jobs=opts.jobs, root=ROOT)
+        quick = json.loads((Path(quick_out) / "results.json").read_text())["runs"]
         digits = [r for r in quick if r["dataset"] == "digits" and r["model"] in likelihood_models and r["seed"] == 0]
         report += ["## digits: test bits/dim in the quick budget (seed 0)", "",
                    digits_table(digits, reference_likelihoods("digits"))]

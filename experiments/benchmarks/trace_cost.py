@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/trace_cost.py                  # the table in experiments/PERFORMANCE.md
     python experiments/benchmarks/trace_cost.py --batch 8 --max-chunks 2
+    python experiments/benchmarks/trace_cost.py --shapes 2 1x8x8 --batch 2 --repeats 1   # seconds
 
 One evaluation of the likelihood ODE's right-hand side (what every solver step calls) for flow matching's
 default backbones (the toy2d MLP, the UNet at 1x8x8, 1x16x16, 1x28x28 and 3x32x32), per example, for:
@@ -89,21 +90,23 @@ def _exact_first_rows(field, z: torch.Tensor, rows: int, chunk: int):
     return total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES],
+                        help="data shapes, e.g. 2 1x8x8 3x32x32 (default: all of the table)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=64, help="exact-trace rows per vectorised chunk")
     parser.add_argument("--max-chunks", type=int, default=4, help="chunks timed per shape (rest extrapolated)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     print(f"# trace cost: torch {torch.__version__}, {opts.threads} thread(s), batch {opts.batch}, "
           f"chunk {opts.chunk}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| data shape | D | forward (ms/example) | Hutchinson (ms/example) | exact (ms/example) | "
           "exact / Hutchinson | rows timed |")
     print("|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
+    for shape in [tuple(int(n) for n in text.split("x")) for text in opts.shapes]:
         r = measure(shape, opts.batch, opts.chunk, opts.max_chunks, opts.repeats)
         timed = "all" if r["rows_timed"] == r["dim"] else f"{r['rows_timed']} (extrapolated)"
         print(f"| {'x'.join(map(str, shape))} | {r['dim']} | {r['forward_ms']:.3f} | {r['hutchinson_ms']:.3f} | "

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from lightning_flows.benchmark.store import atomic_output
 from lightning_flows.benchmark.table import KIND_LABEL, LIKELIHOOD_KINDS
 
 
@@ -18,6 +19,15 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a concurrent reader of the report never sees half a PNG)."""
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    _plt().close(fig)
+    return path
 
 
 def quality_vs_cost(entries: Sequence[dict], image_datasets: set[str], path: Path) -> Path:
@@ -42,11 +52,7 @@ def quality_vs_cost(entries: Sequence[dict], image_datasets: set[str], path: Pat
         ax.set_xlabel("ms per sample (log)")
         ax.set_ylabel(f"{label} (lower is better)")
         ax.set_title(dataset)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bits_per_dim_bars(entries: Sequence[dict], path: Path, baselines: dict[str, float] | None = None) -> Path | None:
@@ -70,11 +76,7 @@ def bits_per_dim_bars(entries: Sequence[dict], path: Path, baselines: dict[str, 
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def montage(samples: dict[tuple[str, str], torch.Tensor], real: dict[str, torch.Tensor], path: Path,
@@ -111,8 +113,4 @@ def montage(samples: dict[tuple[str, str], torch.Tensor], real: dict[str, torch.
                 ax.set_xlim(-5, 5)
                 ax.set_ylim(-5, 5)
                 ax.set_aspect("equal")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

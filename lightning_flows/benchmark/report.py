@@ -1,11 +1,13 @@
-"""Everything a finished (or partly finished) suite writes: table.md, table.csv, results.json, figures."""
+"""Everything a finished (or partly finished) suite writes: table.md, table.csv, results.json, figures and
+``samples/<slug>.png`` (each reported run's picture, copied from its run directory). Every file is replaced
+atomically; the runner holds the report lock while this module writes (see ``store.py``)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +15,8 @@ import torch
 
 from lightning_flows.benchmark.environment import describe_device
 from lightning_flows.benchmark.figures import bits_per_dim_bars, montage, quality_vs_cost
+from lightning_flows.benchmark.store import Store, atomic_write_bytes, atomic_write_text
+from lightning_flows.benchmark.suite import run_slug
 from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
 from lightning_flows.data import GenerativeDataModule, dataset_info
 from lightning_flows.evaluation import KEYS
@@ -55,20 +59,34 @@ def _real_for_montage(dataset: str, seed: int, n: int) -> torch.Tensor:
     return dm.to_pixels(data) if dm.is_discrete else data
 
 
-def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logger: str = "csv") -> Path:
-    """Write ``table.md``, ``table.csv``, ``results.json`` and the figures for the finished ``rows``."""
+def _partial_note(total: int, missing: dict[str, str]) -> list[str]:
+    """The paragraph naming the runs of the suite that are not in the table, grouped by why."""
+    if not missing:
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for run, reason in missing.items():
+        by_reason.setdefault(reason, []).append(run)
+    lines = [f"**Partial: {len(missing)} of {total} runs have no result under these settings** (rerun the same "
+             f"command without `--only` to finish them):"]
+    lines += [f"- {reason}: {', '.join(runs)}" for reason, runs in by_reason.items()]
+    return lines + [""]
+
+
+def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logger: str = "csv",
+                 missing: dict[str, str] | None = None) -> Path:
+    """Write ``table.md``, ``table.csv``, ``results.json``, the figures and the sample pictures for the finished
+    ``rows``; ``missing`` maps each run of the suite that has none to the reason (named in table.md and
+    results.json)."""
     out.mkdir(parents=True, exist_ok=True)
+    missing = dict(missing or {})
     entries = aggregate(rows)
     image_datasets = {d for d in suite.datasets if dataset_info(d).is_image}
     seeds = sorted({r["seed"] for r in rows})
-    missing = len(suite.runs) - len(rows)
     parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment),
              f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); mean ± std over seeds.", ""]
     if suite.description:
         parts += [suite.description.strip(), ""]
-    if missing:
-        parts += [f"**Partial: {missing} of {len(suite.runs)} runs have no result yet** (rerun the same command to "
-                  f"finish them).", ""]
+    parts += _partial_note(len(suite.runs), missing)
     parts += ["## The lecture's comparison, measured", "", lecture_table(entries, image_datasets)]
     for dataset in suite.datasets:
         members = [e for e in entries if e["dataset"] == dataset]
@@ -95,12 +113,13 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     if figures:
         parts += ["## Figures", ""] + [f"![{name}]({path.relative_to(out)})" for name, path in figures.items()] + [""]
     parts += [COLUMN_GUIDE]
+    _publish_samples(rows, out)
     table = out / "table.md"
-    table.write_text("\n".join(parts))
+    atomic_write_text(table, "\n".join(parts))
     _write_csv(entries, out / "table.csv")
-    (out / "results.json").write_text(json.dumps(
+    atomic_write_text(out / "results.json", json.dumps(
         {"suite": suite.name, "suite_file": str(suite.path), "environment": environment, "keys": KEYS,
-         "runs": list(rows)}, indent=1, default=str) + "\n")
+         "runs": list(rows), "missing": missing}, indent=1, default=str) + "\n")
     if logger == "wandb":
         from lightning_flows.benchmark.tracking import log_suite_table
 
@@ -130,7 +149,7 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
         figures["bits/dim by model"] = bars
     samples = {}
     for row in rows:
-        path = out / "samples" / f"{row['dataset']}__{row['model']}__seed{row['seed']}.pt"
+        path = Store(out).link(_slug(row)) / "samples.pt"
         if row["seed"] == min(r["seed"] for r in rows) and path.is_file():
             kept = torch.load(path, weights_only=True)
             dm = GenerativeDataModule(row["dataset"])
@@ -142,15 +161,29 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
     return figures
 
 
+def _slug(row: dict) -> str:
+    return run_slug(row["dataset"], row["model"], row["seed"])
+
+
+def _publish_samples(rows: Sequence[dict], out: Path) -> None:
+    """``samples/<slug>.png`` of every reported run, copied from its run directory, so that the report
+    (table, results.json, figures, samples/) is complete without the run directories."""
+    store = Store(out)
+    for row in rows:
+        if row.get("samples_png"):
+            picture = store.link(_slug(row)) / "samples.png"
+            if picture.is_file():
+                atomic_write_bytes(out / row["samples_png"], picture.read_bytes())
+
+
 def _write_csv(entries, path: Path) -> None:
     keys = sorted({k for e in entries for k, v in e.items() if isinstance(v, tuple)})
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "model", "family", "seeds"] + [f"{k}{s}" for k in keys for s in ("", "_std")])
-        for e in entries:
-            values = []
-            for k in keys:
-                values += list(e[k]) if k in e else ["", ""]
-            writer.writerow([e["dataset"], e["model"], e.get("family", ""), len(e["seeds"])] + values)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["dataset", "model", "family", "seeds"] + [f"{k}{s}" for k in keys for s in ("", "_std")])
+    for e in entries:
+        values = []
+        for k in keys:
+            values += list(e[k]) if k in e else ["", ""]
+        writer.writerow([e["dataset"], e["model"], e.get("family", ""), len(e["seeds"])] + values)
+    atomic_write_text(path, text.getvalue())

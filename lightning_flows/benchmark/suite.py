@@ -22,6 +22,7 @@ recorded, so any row of the table can be reproduced by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -38,10 +39,20 @@ DATASET_KEYS = {"configs", "steps", "batch_size", "evaluation", "recipe", "model
 
 # Evaluation settings that cannot change a number (so they are not part of a run's key).
 COSMETIC_SETTINGS = ("progress", "cache_dir")
+# Extra `lightning-flows fit` arguments given to the benchmark that cannot change a number: drawing a progress
+# bar or printing the model summary runs no random draw and touches no weight. Every other extra argument is
+# part of the key (a different spelling of the same setting, e.g. `--a=1` for `--a 1`, only costs a retrain).
+COSMETIC_ARGUMENTS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class SuiteError(ValueError):
     """A suite file that cannot be run, with what to change."""
+
+
+
+def run_slug(dataset: str, model: str, seed: int) -> str:
+    """The name of a run's files: ``<dataset>__<model>__seed<seed>``."""
+    return f"{dataset}__{model}__seed{seed}"
 
 
 @dataclass
@@ -57,6 +68,7 @@ class RunPlan:
     args: dict[str, object]  # `lightning-flows fit` overrides (dotted keys), recipe first
     evaluation: EvaluationSpec
     reasons: list[str] = field(default_factory=list)  # why this model deviates from the suite recipe
+    extra: tuple[str, ...] = ()  # fit arguments given to `lightning-flows benchmark` itself, appended last
 
     @property
     def name(self) -> str:
@@ -64,21 +76,44 @@ class RunPlan:
 
     @property
     def slug(self) -> str:
-        return f"{self.dataset}__{self.model}__seed{self.seed}"
+        return run_slug(self.dataset, self.model, self.seed)
+
+    def with_extra(self, extra: list[str] | tuple[str, ...]) -> RunPlan:
+        """This plan with the benchmark's extra fit arguments (``--model.init_args.lr 1e-4 ...``)."""
+        return dataclasses.replace(self, extra=tuple(extra))
 
     def fit_args(self, extra: dict[str, object] | None = None) -> list[str]:
-        """The ``lightning-flows fit`` arguments of this run."""
+        """The ``lightning-flows fit`` arguments of this run: the plan's, then ``extra`` (the runner's budget
+        and placement), then the benchmark's extra arguments, which therefore win."""
         args = ["fit", "--config", str(self.config), "--seed_everything", str(self.seed)]
         for key, value in {**self.args, **(extra or {})}.items():
             args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-        return args
+        return args + list(self.extra)
 
     def key(self) -> str:
-        """Hash of everything that defines the result: config file contents, arguments, seed, evaluation."""
+        """Hash of everything that defines the result: config file contents, arguments (the benchmark's extra
+        fit arguments included, but for the cosmetic ones), seed, evaluation."""
         evaluation = {k: v for k, v in self.evaluation.to_dict().items() if k not in COSMETIC_SETTINGS}
         payload = {"config": self.config.read_text(), "args": self.args, "seed": self.seed,
                    "evaluation": evaluation, "steps": self.steps, "batch_size": self.batch_size}
+        counted = arguments_that_count(self.extra)
+        if counted:  # absent otherwise, so that the keys of runs without extra arguments stay what they were
+            payload["extra"] = counted
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def arguments_that_count(extra: list[str] | tuple[str, ...]) -> list[str]:
+    """``extra`` without the :data:`COSMETIC_ARGUMENTS` (``--name value`` or ``--name=value``), in order."""
+    kept, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        takes_next = token.startswith("--") and "=" not in token and i + 1 < len(extra) \
+            and not extra[i + 1].startswith("--")
+        width = 2 if takes_next else 1
+        if token[2:].partition("=")[0] not in COSMETIC_ARGUMENTS:
+            kept += extra[i:i + width]
+        i += width
+    return kept
 
 
 @dataclass
@@ -93,53 +128,176 @@ class Suite:
     expected_wall_time: dict = field(default_factory=dict)
 
 
+EXAMPLE = "experiments/suites/quick.yaml shows every key"
+
+
 def _check_keys(where: str, mapping: dict, allowed: set[str]) -> None:
     unknown = sorted(set(mapping) - allowed)
     if unknown:
         raise SuiteError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}.")
 
 
+def _wrong(path: Path, key: str, what: str, value: object, example: str) -> SuiteError:
+    return SuiteError(f"{path}: '{key}' must be {what}, got {value!r} ({type(value).__name__}). "
+                      f"Write it as, e.g., `{example}` ({EXAMPLE}).")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mapping(path: Path, key: str, value: object, example: str) -> dict:
+    """``value`` as a mapping (None: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _wrong(path, key, "a mapping", value, example)
+    return value
+
+
+def _names(path: Path, key: str, value: object, example: str) -> list[str]:
+    """A non-empty list of distinct non-empty strings."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value) \
+            or len(set(value)) != len(value):
+        raise _wrong(path, key, "a non-empty list of distinct names", value, example)
+    return value
+
+
+def _positive(path: Path, key: str, value: object, what: str, example: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise _wrong(path, key, f"a whole number >= 1 ({what})", value, example)
+    return value
+
+
+def _seeds(path: Path, value: object) -> list[int]:
+    if not isinstance(value, list) or not value or not all(_is_int(s) for s in value) \
+            or len(set(value)) != len(value):
+        raise _wrong(path, "seeds", "a non-empty list of distinct whole numbers", value, "seeds: [0, 1]")
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SuiteError(f"{path} is not valid YAML: {problem}{where}. Fix the syntax there ({EXAMPLE}).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SuiteError(f"Cannot read the suite file {path} ({err}); pass a readable YAML file with --suite.") \
+            from None
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{path} must hold a mapping of suite settings (name, seeds, models, datasets, ...), "
+                         f"not {type(raw).__name__}: {raw!r}. {EXAMPLE}.")
+    return raw
+
+
+def _evaluation_spec(path: Path, dataset: str, values: dict) -> EvaluationSpec:
+    """The evaluation of one dataset; a setting of the wrong type is named (not a TypeError from a comparison)."""
+    types = {"int": int, "bool": bool, "float": (int, float), "str": str}
+    for spec_field in dataclasses.fields(EvaluationSpec):
+        if spec_field.name not in values:
+            continue
+        value, kind = values[spec_field.name], str(spec_field.type).split(" | ")
+        if value is None and "None" in kind:
+            continue
+        expected = types.get(kind[0])
+        if expected is not None and (not isinstance(value, expected) or (expected is not bool and
+                                                                          isinstance(value, bool))):
+            raise SuiteError(f"{path}: evaluation setting '{spec_field.name}' for {dataset} must be {kind[0]}, got "
+                             f"{value!r}; set it in the suite's `evaluation:` block or datasets.{dataset}.evaluation.")
+    try:
+        return EvaluationSpec.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise SuiteError(f"{path}: evaluation settings for {dataset}: {err}") from None
+
+
+def _overrides(path: Path, value: object) -> list[dict]:
+    example = "overrides: [{model: gan, reason: why, args: {model.init_args.lr_g: 2.0e-4}}]"
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(o, dict) for o in value):
+        raise _wrong(path, "overrides", "a list of mappings", value, example)
+    for override in value:
+        _check_keys(f"{path}: an override", override, {"model", "dataset", "reason", "args"})
+        if not isinstance(override.get("model"), str):
+            raise _wrong(path, "overrides[].model", "a model name", override.get("model"), example)
+        _mapping(path, "overrides[].args", override.get("args"), example)
+    return value
+
+
 def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
-    """Read and check a suite file; configs are resolved relative to ``root`` (the repository)."""
+    """Read and check a suite file; configs are resolved relative to ``root`` (the repository). Every
+    mistake is a :class:`SuiteError` naming the file, the key and the fix, before anything runs."""
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise SuiteError(f"Suite file {path} does not exist; the suites live in experiments/suites/.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_yaml(path)
     _check_keys(str(path), raw, SUITE_KEYS)
     for key in ("name", "models", "datasets"):
         if key not in raw:
-            raise SuiteError(f"{path}: missing '{key}'.")
-    seeds = [int(s) for s in raw.get("seeds", [0])]
-    overrides = raw.get("overrides") or []
+            raise SuiteError(f"{path}: missing '{key}' ({EXAMPLE}).")
+    if not isinstance(raw["name"], str) or not raw["name"]:
+        raise _wrong(path, "name", "a non-empty string", raw["name"], "name: quick")
+    seeds = _seeds(path, raw.get("seeds", [0]))
+    models = _names(path, "models", raw["models"], "models: [vae, flow_matching]")
+    datasets_example = "datasets: {8gaussians: {configs: experiments/toy2d, steps: 600, batch_size: 512}}"
+    datasets = _mapping(path, "datasets", raw["datasets"], datasets_example)
+    if not datasets:
+        raise _wrong(path, "datasets", "a non-empty mapping of dataset names to their settings", raw["datasets"],
+                     datasets_example)
+    recipe = _mapping(path, "recipe", raw.get("recipe"), "recipe: {model.init_args.lr: 1.0e-3}")
+    trainer = _mapping(path, "trainer", raw.get("trainer"), "trainer: {limit_val_batches: 0}")
+    evaluation = _mapping(path, "evaluation", raw.get("evaluation"), "evaluation: {n_samples: 2000}")
+    overrides = _overrides(path, raw.get("overrides"))
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _wrong(path, "description", "text", description, "description: what the suite compares")
     runs = []
-    for dataset, settings in raw["datasets"].items():
-        _check_keys(f"{path}: datasets.{dataset}", settings, DATASET_KEYS)
+    for dataset, settings in datasets.items():
+        where = f"datasets.{dataset}"
+        settings = _mapping(path, where, settings, datasets_example)
+        _check_keys(f"{path}: {where}", settings, DATASET_KEYS)
         for key in ("configs", "steps", "batch_size"):
             if key not in settings:
-                raise SuiteError(f"{path}: datasets.{dataset} needs '{key}'.")
-        spec_values = {**(raw.get("evaluation") or {}), **(settings.get("evaluation") or {})}
-        try:
-            spec = EvaluationSpec.from_dict(spec_values)
-        except (TypeError, ValueError) as err:
-            raise SuiteError(f"{path}: evaluation settings for {dataset}: {err}") from err
-        for model in settings.get("models", raw["models"]):
+                raise SuiteError(f"{path}: {where} needs '{key}' ({EXAMPLE}).")
+        if not isinstance(settings["configs"], str):
+            raise _wrong(path, f"{where}.configs", "a directory of configs", settings["configs"],
+                         "configs: experiments/toy2d")
+        steps = _positive(path, f"{where}.steps", settings["steps"], "optimizer steps per network", "steps: 600")
+        batch_size = _positive(path, f"{where}.batch_size", settings["batch_size"], "examples per batch",
+                               "batch_size: 512")
+        spec_values = {**evaluation, **_mapping(path, f"{where}.evaluation", settings.get("evaluation"),
+                                                "evaluation: {n_samples: 500}")}
+        spec = _evaluation_spec(path, dataset, spec_values)
+        dataset_recipe = _mapping(path, f"{where}.recipe", settings.get("recipe"), "recipe: {trainer.precision: 32}")
+        data = _mapping(path, f"{where}.data", settings.get("data"), "data: {num_workers: 0}")
+        dataset_models = _names(path, f"{where}.models", settings["models"], "models: [vae, glow]") \
+            if "models" in settings else models
+        for model in dataset_models:
             config = root / settings["configs"] / f"{model}.yaml"
             if not config.is_file():
-                raise SuiteError(f"{path}: no config {config} for model '{model}' on '{dataset}'.")
-            args: dict[str, object] = {**(raw.get("recipe") or {}), **(settings.get("recipe") or {})}
+                available = sorted(c.stem for c in (root / settings["configs"]).glob("*.yaml"))
+                raise SuiteError(f"{path}: no config {config} for model '{model}' on '{dataset}'; the models "
+                                 f"there are {', '.join(available) or 'none'}: fix '{where}.models' (or 'models') "
+                                 f"or '{where}.configs'.")
+            args: dict[str, object] = {**recipe, **dataset_recipe}
             reasons = []
             for override in overrides:
                 if override.get("model") == model and override.get("dataset", dataset) == dataset:
                     if not override.get("reason"):
-                        raise SuiteError(f"{path}: the override for {model} on {dataset} needs a 'reason'.")
+                        raise SuiteError(f"{path}: the override for {model} on {dataset} needs a 'reason' (why "
+                                         f"this model departs from the suite's recipe; the report prints it), e.g. "
+                                         f"`overrides: [{{model: {model}, reason: ..., args: {{...}}}}]`.")
                     args.update(override.get("args") or {})
                     reasons.append(override["reason"])
-            args.update({f"trainer.{k}": v for k, v in (raw.get("trainer") or {}).items()})
-            args.update({f"data.{k}": v for k, v in (settings.get("data") or {}).items()})
-            args.update({"data.dataset": dataset, "data.batch_size": settings["batch_size"]})
+            args.update({f"trainer.{k}": v for k, v in trainer.items()})
+            args.update({f"data.{k}": v for k, v in data.items()})
+            args.update({"data.dataset": dataset, "data.batch_size": batch_size})
             for seed in seeds:
-                runs.append(RunPlan(model, dataset, seed, config, int(settings["steps"]), int(settings["batch_size"]),
-                                    dict(args), spec, reasons))
-    return Suite(name=raw["name"], path=path, seeds=seeds, models=list(raw["models"]),
-                 datasets=list(raw["datasets"]), runs=runs, description=raw.get("description", ""),
-                 expected_wall_time=raw.get("expected_wall_time") or {})
+                runs.append(RunPlan(model, dataset, seed, config, steps, batch_size, dict(args), spec, reasons))
+    return Suite(name=raw["name"], path=path, seeds=seeds, models=list(models), datasets=list(datasets),
+                 runs=runs, description=description,
+                 expected_wall_time=_mapping(path, "expected_wall_time", raw.get("expected_wall_time"),
+                                             "expected_wall_time: {cpu: 6 min}"))

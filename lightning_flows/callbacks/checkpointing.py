@@ -19,8 +19,9 @@ file and the fix, plus a check that the file belongs to the family being trained
 * during training it saves every 1000 optimizer steps unless another trigger is given (a step count
   needs no collective; Lightning's ``train_time_interval`` broadcasts rank 0's clock after every batch);
 * checkpoints go to ``<run dir>/checkpoints/`` whatever the logger (:func:`run_dir`);
-* ``--ckpt_path last`` finds the newest ``last.ckpt`` among *all* versions of the experiment
-  (``<root>/<name>/*/checkpoints``): a restarted run writes a new version directory.
+* ``--ckpt_path last`` resumes from the furthest-trained complete checkpoint (``last.ckpt`` or periodic) among
+  *all* versions of the experiment (``<root>/<name>/*/checkpoints``): a restarted run writes a new version
+  directory, and a run killed mid-save leaves an older ``last.ckpt`` beside a newer periodic one.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_flows.callbacks.run_directory import experiment_dir, run_dir
@@ -78,14 +79,76 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
-    # Temporary files of writers killed mid-save (SIGKILL, power loss) are garbage now.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        if not stale.name.startswith(f".{path.name}.{os.getpid()}."):
-            stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
+
+
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process that writes ``temporary`` (``.<name>.<pid>.<hex>.tmp``) still runs on this machine."""
+    pid = temporary.name[: -len(".tmp")].rsplit(".", 2)[-2]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path, name: str = "*.ckpt") -> list[Path]:
+    """Delete the temporary files :func:`atomic_torch_save` left in ``directory`` for targets matching ``name``
+    when their writer was killed mid-save (SIGKILL, power loss, OOM): those whose process is gone.
+    A live writer's file is left alone. Returns the files removed."""
+    removed = []
+    for temporary in Path(directory).glob(f".{name}.*.tmp"):
+        if not _writer_alive(temporary):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
+
+
+def checkpoint_progress(path: str | Path) -> tuple[int, int] | None:
+    """``(global_step, epoch)`` stored in the checkpoint at ``path``, or None when it cannot be read (a copy
+    cut short, another program's file, anything the safe reader refuses). Memory-maps the file: the weights
+    are not read."""
+    from lightning_flows.checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return None
+    step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch", 0)
+    if not isinstance(step, int) or not isinstance(epoch, int):
+        return None
+    return step, epoch
+
+
+def furthest_checkpoint(paths) -> Path | None:
+    """The complete checkpoint among ``paths`` that trained furthest: the most optimizer steps, then epochs,
+    then the latest modification. Raises :class:`~lightning_flows.checkpoints.CheckpointError` (the newest
+    file's) when there are files but none can be read. (By progress, not by time alone: copying or syncing a
+    run directory resets modification times, while within a run the step count only grows.)"""
+    from lightning_flows.checkpoints import read_checkpoint
+
+    paths = [Path(p) for p in paths if Path(p).is_file()]
+    progress = {path: checkpoint_progress(path) for path in paths}
+    readable = {path: (*found, path.stat().st_mtime) for path, found in progress.items() if found is not None}
+    if readable and len(readable) < len(paths):
+        rank_zero_warn(f"Skipping checkpoints that cannot be read: "
+                       f"{', '.join(str(p) for p, found in progress.items() if found is None)}.")
+    if readable:
+        return max(readable, key=readable.get)
+    if paths:
+        read_checkpoint(max(paths, key=lambda p: p.stat().st_mtime))  # raises its error, naming the file
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Atomic local checkpoint writes and safe, checked reads (remote ``scheme://`` paths go to Lightning's).
+    """Atomic local checkpoint writes (remote ``scheme://`` paths: Lightning's writer) and safe, checked reads
+    of local files only (:func:`lightning_flows.checkpoints.read_checkpoint`).
 
     Args:
         model: when set (``RunCheckpoint`` sets it to the model being trained), a checkpoint of another
@@ -102,8 +165,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None, **kwargs) -> dict:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location)
+        # Always our reader (weights_only=True, our families only), whatever `weights_only` the caller passes:
+        # a file:// URL is read as its local file, any other URL is refused (never Lightning's remote loader,
+        # which unpickles URLs with weights_only=False).
         from lightning_flows.checkpoints import read_checkpoint_for
 
         return read_checkpoint_for(path, self.model, map_location=map_location if map_location is not None else "cpu")
@@ -128,6 +192,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._stop_requested_by: str | None = None
         self._stopped_by_signal = False
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether the last fit ended early because of SIGTERM or Ctrl-C (the benchmark then stops its suite)."""
+        return self._stopped_by_signal
 
     # ---- atomic, checked checkpoint files for the whole trainer ----
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -260,7 +329,19 @@ class RunCheckpoint(ModelCheckpoint):
         return [str(own), *others]
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        found = set()
+        """What ``--ckpt_path last`` resumes from: of every checkpoint (``last.ckpt`` and periodic ones) of every
+        version of the experiment, the complete one that trained furthest (:func:`furthest_checkpoint`). A run
+        killed while writing ``last.ckpt`` keeps the older ``last.ckpt`` beside a newer periodic checkpoint, and
+        a half-written temporary file, which is removed here. (Lightning then picks the newest of what this
+        returns: the one file.)"""
+        candidates = []
         for directory in self._checkpoint_dirs(trainer):
-            found |= {os.path.normpath(p) for p in Path(directory).glob(f"{self.CHECKPOINT_NAME_LAST}*.ckpt")}
-        return found
+            remove_stale_temporaries(directory)
+            candidates += Path(directory).glob("*.ckpt")
+        chosen = furthest_checkpoint(candidates)
+        if chosen is None:
+            return set()
+        step, epoch = checkpoint_progress(chosen)
+        rank_zero_info(f"--ckpt_path last: {chosen} (global step {step}, epoch {epoch}), the furthest-trained of "
+                       f"{len(candidates)} checkpoint(s) of this experiment.")
+        return {os.path.normpath(chosen)}

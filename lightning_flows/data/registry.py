@@ -2,7 +2,8 @@
 
 Discrete datasets are returned as integer tensors in ``{0, ..., levels-1}`` of shape ``(N, C, H, W)``;
 continuous (toy 2D) datasets as float tensors of shape ``(N, 2)`` with ``levels = None``.
-Splits are deterministic functions of ``seed``.
+Splits are deterministic functions of ``seed``; the test split of every image dataset is the same for every
+seed (torchvision's own test sets; a fixed draw for the embedded ones).
 """
 
 from __future__ import annotations
@@ -69,9 +70,25 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASET_INFO[name]
 
 
+# The test split of an embedded dataset is drawn once, with this seed, whatever the data seed: like
+# torchvision's fixed test sets, it stays disjoint from every seed's training data, and from the feature
+# classifier's (trained on the non-test examples), so every data seed is scored against the same reference.
+FIXED_TEST_SEED = 0
+
+
 def _split_indices(n: int, n_val: int, n_test: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(train, val, test)`` indices: ``test`` is the same for every ``seed``; ``seed`` shuffles the rest.
+
+    With ``seed = FIXED_TEST_SEED`` the splits are those of one permutation (``val`` first, then ``test``,
+    then ``train``), as they were before the test split was fixed.
+    """
+    fixed = torch.randperm(n, generator=torch.Generator().manual_seed(FIXED_TEST_SEED))
+    test = fixed[n_val:n_val + n_test]
+    in_test = torch.zeros(n, dtype=torch.bool)
+    in_test[test] = True
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val + n_test:], perm[:n_val], perm[n_val:n_val + n_test]
+    rest = perm[~in_test[perm]]
+    return rest[n_val:], rest[:n_val], test
 
 
 def _load_toy(name: str, seed: int) -> DatasetSplits:

@@ -9,6 +9,7 @@ ends with the same values (identical to a single process on the same samples).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -18,26 +19,58 @@ import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, TQDMProgressBar
 from torch import Tensor
 
-from lightning_flows.data.toy2d import TOY_MODES
-from lightning_flows.evaluation.likelihood import split_likelihood
-from lightning_flows.evaluation.reference import build_extractor, extract_features, real_pixels, reference_features
+from lightning_flows.evaluation.likelihood import Dequantisation, split_likelihood
+from lightning_flows.evaluation.likelihood_labels import is_upper_bound, iw_label, label, likelihood_traits
+from lightning_flows.evaluation.point_quality import (SAMPLING_STD_METRICS, PointReference, mean_and_std, null_fields,
+                                                      point_metrics, point_reference)
+from lightning_flows.evaluation.reference import (FloorSet, build_extractor, extract_features, floor_features,
+                                                  floor_set, real_pixels, reference_features)
 from lightning_flows.evaluation.samples import chunk_seed, gather_chunks, generate_chunks, rank_chunks, warm_up
 from lightning_flows.evaluation.spec import EvaluationSpec, floor_split_for
 from lightning_flows.metrics import (class_accuracy, class_conditional_distances, energy_distance, frechet_distance,
-                                     kernel_distance, mode_coverage, path_straightness, precision_recall,
-                                     requested_classes)
+                                     kernel_distance, path_straightness, precision_recall, requested_classes)
 from lightning_flows.metrics.classifier import default_cache_dir
+from lightning_flows.metrics.fid import kid_subset_size
 from lightning_flows.metrics.distributed import rank_and_world
 from lightning_flows.metrics.sampling_cost import SamplingCost
 from lightning_flows.ode import SolverConfig, integrate
 from lightning_flows.ode.solve import observe_field_evaluations
 
-# What each key of a result means (the table, results.json and loggers use these names).
+# What each key of a result means (the table, results.json and loggers use these names). <kind> is a family's
+# likelihood kind: exact | bound | estimate.
 KEYS = {
     "weights": "which weights were evaluated: 'ema' (the run's average, what `sample` uses) or 'training'",
-    "nll_<kind>": "mean negative log-likelihood, nats per example in model space; kind = exact | bound | estimate "
-                  "(class-conditional flow matching / diffusion: of their null-class, i.e. unconditional, field)",
+    "sampling_seed": "the seed the samples were drawn with (EvaluationSpec.seed + 1000 x the run's seed with "
+                     "seed_samples_per_run, so each training seed draws its own samples; else the spec's seed)",
+    "torch_threads": "torch intra-op threads the evaluation (and, in a benchmark worker, the training) ran with",
+    "nll_<kind>": "mean negative log-likelihood, nats per example in model space, on the split's fixed evaluation "
+                  "dequantisation (one draw per example) (class-conditional flow matching / diffusion: of their "
+                  "null-class, i.e. unconditional, field)",
     "bpd_<kind>": "the same NLL as bits per dimension of the discrete data (through metrics.bits_per_dim)",
+    "likelihood_label_<kind>": "what nll_<kind> is: continuous data 'exact', 'estimate (Hutchinson)', 'ELBO / "
+                               "IWAE-K bound', 'DDPM bound'; discrete data 'dequantised bound' (a continuous density "
+                               "at one uniform dequantisation draw), 'dequantised bound, unbiased estimate "
+                               "(Hutchinson)', 'ELBO / IWAE-K bound' / 'DDPM bound' (a discrete decoder: directly on "
+                               "log P(k)), 'dequantised ELBO / IWAE-K bound', 'dequantised DDPM bound'",
+    "nll_upper_bound_<kind>": "True when E[nll_<kind>] >= the model's own NLL of the same examples (discrete data: "
+                              "the discrete NLL -log P(k), so all such rows bound the same quantity; an exact value "
+                              "counts, with equality); False when it may lie below it",
+    "nll_iw_<kind> / bpd_iw_<kind>": "discrete data, continuous densities (exact, or IWAE; Hutchinson estimates "
+                                     "only with iw_estimates): -log (1/K) sum_k p(k + u_k) over K = iw_samples "
+                                     "dequantisation draws (draw 0: the fixed evaluation noise), nats per example / "
+                                     "bits per dimension; tightens towards -log P(k) with K",
+    "likelihood_label_iw_<kind>": "'discrete, IW-K bound' (an exact density or an unbiased density estimate: an "
+                                  "upper bound on the discrete NLL), or 'discrete, IW-K estimate (Hutchinson: ...)' "
+                                  "(an estimate of that bound, either side of it)",
+    "nll_upper_bound_iw_<kind>": "as nll_upper_bound_<kind>, for the IW value (False for Hutchinson's)",
+    "bpd_iw_gain_<kind>": "bpd_<kind> - bpd_iw_<kind>: the dequantisation gap recovered by K draws (>= 0 in "
+                          "expectation), on the same examples",
+    "iw_samples": "K, the dequantisation draws per example of the nll_iw_* numbers",
+    "nll_discrete / bpd_discrete": "discrete data: the lowest of the model's NLLs flagged as upper bounds on the "
+                                   "discrete NLL (IW-K, a discrete decoder's bound, the dequantised bound, ...), all "
+                                   "on the same examples: the number to compare rows on",
+    "likelihood_label_discrete / likelihood_source_discrete": "its label, and the key it was taken from "
+                                                             "(e.g. 'bpd_iw_exact')",
     "nll_gap_<kind>": "NLL minus the data's true entropy (toy densities with a known density); 0 is the limit",
     "true_entropy_nats": "the data's entropy on the same examples, -mean log p_data",
     "likelihood_examples": "examples the NLL averages over",
@@ -45,13 +78,37 @@ KEYS = {
                           "reported for a conditional VAE, whose likelihood here is the marginal over classes",
     "nfe_per_sample": "network evaluations per generated sample",
     "ms_per_sample": "device-milliseconds per sample after one warm-up call, at sample_batch_size per call",
-    "fid / fid_floor": "FID of the samples / of another real split at the same n, against the reference split",
+    "sample_mode": "families with several ways to sample (VAE): how the quality samples were drawn ('mean': "
+                   "decoder means, not draws from the model whose likelihood is reported; 'sample': true draws)",
+    "<metric>_true_draws": "a VAE sampling decoder means: the same image metric (fid, kid, precision, recall) on "
+                           "true draws x ~ p(x) of the model whose likelihood is reported, same sampling seed",
+    "fid / fid_floor": "FID of the samples / of the floor set's first n_floor images, against the reference split",
+    "floor_split": "the floor's real images: a split, or 'classifier_holdout' (non-test images held out of the "
+                   "built-in feature classifier's training, the same for every data seed: unseen by it, like the "
+                   "reference and the samples)",
+    "fid_at_floor_n": "only when n_floor < n_quality (the floor set holds fewer images than were sampled): FID of "
+                      "the first n_floor samples, the model's FID at the floor's n",
     "fid_n<n>": "FID of the first n samples (EvaluationSpec.fid_sample_counts)",
     "fid_nfe<k> / energy_distance_nfe<k>": "the same quality metric for another sampling setting of the model at k "
                                            "NFE/sample (GenerativeModel.sampling_variants, e.g. MeanFlow's 2 steps)",
-    "kid / kid_std / kid_floor": "unbiased KID (mean and std over subsets) and its real-vs-real floor",
+    "kid / kid_std / kid_floor": "unbiased KID (mean over kid_subsets subsets of kid_subset_size, at most half the "
+                                 "smaller set so subsets differ), its std over the subsets (the noise at that subset "
+                                 "size; a usable error bar from ~10 subsets on) and the floor's KID",
     "precision / recall": "k-NN precision and recall in feature space (2D data: the coordinates)",
-    "energy_distance / energy_distance_floor": "2D data: energy distance to the reference split, and its floor",
+    "energy_distance / energy_distance_floor": "2D data: energy distance (unbiased: negative values are legitimate "
+                                               "estimator outcomes) to the reference, and the floor split's",
+    "mmd / mmd_bandwidth": "2D data: unbiased Gaussian-kernel MMD^2 to the reference (can be negative), kernel std "
+                           "(a mixture's component std where declared, else the median heuristic: "
+                           "mmd_bandwidth_source)",
+    "ce_gap_nats": "toy densities with a known log p: E_samples[-log p_true] - H(p_true), nats (0 for real data; "
+                   "large when mass lies between the modes; negative when concentrated on the modes); not KL(q||p)",
+    "off_support_fraction": "instead of ce_gap_nats where the true density is 0 at some sample: that fraction",
+    "<metric>_null_mean / <metric>_null_std": "energy_distance, mmd, ce_gap_nats of null_draws real sets of n "
+                                              "points (null_source) against the same reference: mean and sample std",
+    "<metric>_within_noise": "|metric - null mean| <= 2 null std: indistinguishable from real data at this n",
+    "<metric>_sampling_std / sampling_std_sets": "sample std of a cheap sample metric over sampling_std_sets sample "
+                                                 "sets of one model (the main one and sampling_std_draws more): the "
+                                                 "sampling noise, to read beside the spread over training seeds",
     "modes_hit / mode_kl / good_fraction": "8gaussians: modes receiving >= 1% of samples, KL(mode histogram || "
                                            "uniform) in nats, fraction of samples within 3 std of a mode",
     "straightness / straightness_rel": "ODE samplers: mean Liu et al. straightness S of straightness_paths paths "
@@ -61,9 +118,19 @@ KEYS = {
                       "they were drawn for (equal counts per class; 1.0 = every class as asked, ~1/K = label ignored)",
     "class_accuracy_real": "the same classifier's accuracy on the real reference split (the attainable ceiling)",
     "class_fid / class_fid_floor": "class-conditional FID: per class, the reference split's examples of that class "
-                                   "vs the samples drawn for it (floor: another real split's), averaged over classes",
+                                   "vs the samples drawn for it (floor: the floor set's), averaged over classes",
     "class_kid / class_kid_floor": "class-conditional KID, averaged over classes the same way",
 }
+
+RUN_SEED_STRIDE = 1000  # sampling seed = spec.seed + RUN_SEED_STRIDE * run seed
+IMAGE_SAMPLING_STD_METRICS = ("fid", "kid", "precision", "recall")
+
+
+def run_seed_of_process() -> int | None:
+    """The run's seed as ``seed_everything`` recorded it (``PL_GLOBAL_SEED``; also what
+    :class:`lightning_flows.callbacks.PerStepSeed` reads), or None outside a seeded run."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None else None
 
 
 class Evaluator:
@@ -75,7 +142,8 @@ class Evaluator:
         self.cache_dir = Path(self.spec.cache_dir).expanduser() if self.spec.cache_dir else default_cache_dir()
         self._extractor = None
         self._label_classifier = None  # the feature classifier whose labels score conditional samples
-        self._reference: dict[tuple, tuple[Tensor, Tensor]] = {}  # (dataset, split) -> (reference, floor)
+        self._reference: dict[tuple, tuple[Tensor, Tensor, FloorSet]] = {}  # -> (reference, floor features, floor)
+        self._point_reference: dict[tuple, PointReference] = {}  # (dataset, seed, split, n) -> data-only references
         self._point_floor: dict[tuple, float] = {}  # (dataset, seed, split, n) -> energy distance of the floor
         self.last_samples: Tensor | None = None  # the evaluated samples, model space, every rank
         self.last_rank_samples = 0  # how many of them this rank drew
@@ -83,25 +151,31 @@ class Evaluator:
 
     # ---- the entry point ----
     def evaluate(self, model, datamodule, weights: str = "training", likelihood_split: str | None = None,
-                 max_likelihood_examples: int | None = None) -> dict:
+                 max_likelihood_examples: int | None = None, run_seed: int | None = None) -> dict:
         """All of ``spec``'s numbers for ``model`` on ``datamodule``; a collective under DDP.
 
         ``weights`` is recorded as given (see :mod:`lightning_flows.evaluation.weights`);
         ``likelihood_split`` / ``max_likelihood_examples`` override the spec (callbacks use the
-        stage's split and honour ``limit_val_batches``).
+        stage's split and honour ``limit_val_batches``). ``run_seed``: the training run's seed, from which the
+        sampling seed is derived (``spec.seed_samples_per_run``); default the one ``seed_everything`` recorded.
         """
         spec = self.spec
         datamodule.setup()
         rank, world = rank_and_world()
         was_training = model.training
         model.eval()
-        result: dict = {"weights": weights, "dataset": datamodule.dataset}
+        if run_seed is None:
+            run_seed = run_seed_of_process()
+        self._sampling_seed = spec.seed + (RUN_SEED_STRIDE * run_seed if spec.seed_samples_per_run and run_seed
+                                           else 0)
+        result: dict = {"weights": weights, "dataset": datamodule.dataset, "torch_threads": torch.get_num_threads()}
         try:
             if spec.likelihood:
                 result.update(self._likelihood(model, datamodule, likelihood_split or spec.likelihood_split,
                                                max_likelihood_examples or spec.max_likelihood_examples,
                                                rank, world))
             if spec.quality or spec.timing:
+                result["sampling_seed"] = self._sampling_seed
                 result.update(self._samples(model, datamodule, rank, world))
             if spec.straightness_paths and model.sampling_ode() is not None:
                 result.update(self._straightness(model, rank, world))
@@ -114,11 +188,22 @@ class Evaluator:
         data = datamodule.split(split)
         data = data[:limit] if limit else data
         batch_size = self.spec.likelihood_batch_size
-        # This rank's examples (split_likelihood deals batches round-robin): what its bar counts to.
-        share = sum(min(batch_size, len(data) - i) for i in range(rank * batch_size, len(data), world * batch_size))
+        kinds = sorted(model.likelihood_estimators())
+        traits = {kind: likelihood_traits(model, kind) for kind in kinds}
+        discrete = datamodule.is_discrete
+        iw_kinds = tuple(k for k in kinds if traits[k].importance_weightable
+                         and (traits[k].unbiased_density or self.spec.iw_estimates)) if discrete else ()
+        dequantisation = None
+        if iw_kinds and self.spec.iw_samples > 1:
+            dequantisation = Dequantisation(getattr(datamodule.splits, split)[:len(data)], datamodule.levels,
+                                            self.spec.iw_samples, iw_kinds)
+        passes = 1 + (self.spec.iw_samples - 1 if dequantisation is not None else 0)
+        # This rank's examples (split_likelihood deals batches round-robin) times its passes: what its bar counts to.
+        share = passes * sum(min(batch_size, len(data) - i)
+                             for i in range(rank * batch_size, len(data), world * batch_size))
         with self._bar(share, f"likelihood ({split})", rank, world) as bar:
             outcome = split_likelihood(model, data, batch_size, self.spec.seed, rank, world,
-                                       extras=self.spec.extras, progress=bar)
+                                       extras=self.spec.extras, progress=bar, dequantisation=dequantisation)
         if not outcome.nll:
             return {}
         result: dict = {"likelihood_split": split, "likelihood_examples": outcome.examples, **outcome.extras}
@@ -126,12 +211,29 @@ class Evaluator:
         entropy = None if true_log_p is None else float(-true_log_p.double().mean())
         if entropy is not None:
             result["true_entropy_nats"] = entropy
+        candidates = []  # (bpd, key, label) of the upper bounds on the discrete NLL
         for kind, nll in outcome.nll.items():
             result[f"nll_{kind}"] = nll
-            if datamodule.is_discrete:
+            result[f"likelihood_label_{kind}"] = label(traits[kind], discrete)
+            result[f"nll_upper_bound_{kind}"] = is_upper_bound(traits[kind])
+            if discrete:
                 result[f"bpd_{kind}"] = float(datamodule.bits_per_dim(nll))
+                candidates.append((result[f"bpd_{kind}"], f"bpd_{kind}", result[f"likelihood_label_{kind}"]))
             if entropy is not None:
                 result[f"nll_gap_{kind}"] = nll - entropy
+        for kind, nll in outcome.iw_nll.items():
+            bound = is_upper_bound(traits[kind], importance_weighted=True)
+            result.update({f"nll_iw_{kind}": nll, f"bpd_iw_{kind}": float(datamodule.bits_per_dim(nll)),
+                           f"likelihood_label_iw_{kind}": iw_label(traits[kind], self.spec.iw_samples),
+                           f"nll_upper_bound_iw_{kind}": bound, "iw_samples": self.spec.iw_samples})
+            result[f"bpd_iw_gain_{kind}"] = result[f"bpd_{kind}"] - result[f"bpd_iw_{kind}"]
+            if bound:
+                candidates.append((result[f"bpd_iw_{kind}"], f"bpd_iw_{kind}", result[f"likelihood_label_iw_{kind}"]))
+        candidates = [c for c in candidates if result[c[1].replace("bpd_", "nll_upper_bound_", 1)]]
+        if candidates:
+            bpd, key, text = min(candidates)
+            result.update(nll_discrete=result[key.replace("bpd_", "nll_", 1)], bpd_discrete=bpd,
+                          likelihood_label_discrete=text, likelihood_source_discrete=key)
         return result
 
     # ---- samples: cost and quality ----
@@ -143,6 +245,16 @@ class Evaluator:
             return None
         return requested_classes(self.spec.n_samples, model.num_classes)
 
+    def _draw(self, model, seed: int, labels, guidance: float, rank: int, world: int, cost=None,
+              description: str = "sampling", options: dict | None = None):
+        """This rank's chunks of ``spec.n_samples`` samples drawn with ``seed`` (see :func:`generate_chunks`);
+        ``options``: further keyword arguments of ``model.sample`` (a sampling variant)."""
+        spec = self.spec
+        share = sum(length for _, length in rank_chunks(spec.n_samples, spec.sample_batch_size, rank, world))
+        with self._bar(share, description, rank, world) as bar:
+            return generate_chunks(model, spec.n_samples, spec.sample_batch_size, seed, rank, world, cost,
+                                   progress=bar, labels=labels, guidance=guidance, options=options)
+
     def _samples(self, model, datamodule, rank: int, world: int) -> dict:
         spec = self.spec
         labels = self._requested_labels(model, datamodule)
@@ -152,13 +264,12 @@ class Evaluator:
         if spec.timing:
             warm_up(model, min(spec.sample_batch_size, 16), labels, guidance)
         cost = SamplingCost()
-        share = sum(length for _, length in rank_chunks(spec.n_samples, spec.sample_batch_size, rank, world))
-        with self._bar(share, "sampling", rank, world) as bar:
-            chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
-                                     progress=bar, labels=labels, guidance=guidance)
+        chunks = self._draw(model, self._sampling_seed, labels, guidance, rank, world, cost)
         self.last_rank_samples = sum(len(x) for _, x in chunks)
         self.last_labels = labels
         result: dict = {"guidance": guidance} if conditional else {}
+        if getattr(model, "sample_mode", None) is not None:
+            result["sample_mode"] = model.sample_mode
         if spec.timing:
             total = cost.reduced(model.device)
             result.update(sample_batch_size=spec.sample_batch_size, ms_per_sample=1000 * total.sec_per_sample)
@@ -167,64 +278,120 @@ class Evaluator:
         if not spec.quality:
             self.last_samples = None
             return result
-        if len(datamodule.data_shape) == 3:
+        image = len(datamodule.data_shape) == 3
+        if image:
             result.update(self._image_quality(chunks, datamodule, model.device, rank, world,
                                               labels if spec.class_metrics else None))
         else:
             result.update(self._point_quality(gather_chunks(chunks), datamodule))
+        samples = self.last_samples
+        if image and getattr(model, "sample_mode", "sample") != "sample":
+            with model.sampling_mode("sample"):
+                drawn = self._draw(model, self._sampling_seed, labels, guidance, rank, world,
+                                   description="sampling (true draws)")
+            metrics = self._image_metrics(drawn, datamodule, model.device, rank, world)
+            result.update({f"{key}_true_draws": metrics[key] for key in IMAGE_SAMPLING_STD_METRICS})
+        if spec.sampling_std_draws:
+            result.update(self._sampling_std(model, datamodule, result, labels, guidance, rank, world))
         if spec.extras:
             result.update(self._variant_quality(model, datamodule, rank, world, labels, guidance))
+        self.last_samples = samples
         return result
 
     def _variant_quality(self, model, datamodule, rank: int, world: int, labels: Tensor | None,
                          guidance: float) -> dict:
-        """FID (images) or energy distance (2D) of the same samples' draw under each of the model's
+        """FID (images) or energy distance (2D) of a draw with the same sampling seed under each of the model's
         ``sampling_variants``, keyed by the variant's measured NFE; the evaluated samples stay the default's."""
-        spec, result = self.spec, {}
-        image = len(datamodule.data_shape) == 3
-        kept = self.last_samples, self.last_rank_samples
+        result, image = {}, len(datamodule.data_shape) == 3
         for options in model.sampling_variants():
             cost = SamplingCost()
-            chunks = generate_chunks(model, spec.n_samples, spec.sample_batch_size, spec.seed, rank, world, cost,
-                                     labels=labels, guidance=guidance, options=options)
+            chunks = self._draw(model, self._sampling_seed, labels, guidance, rank, world, cost,
+                                description=f"sampling ({options})", options=options)
             nfe = cost.reduced(model.device).nfe_per_sample
             if nfe is None:
                 raise ValueError(f"{type(model).__name__}.sampling_variants() gave {options}, but sample() did not "
                                  f"report its NFE (set last_sample_nfe); the variant's quality is keyed by it.")
             if image:
-                result[f"fid_nfe{nfe:.0f}"] = self._image_quality(chunks, datamodule, model.device, rank, world)["fid"]
+                result[f"fid_nfe{nfe:.0f}"] = self._image_metrics(chunks, datamodule, model.device, rank, world)["fid"]
             else:
-                result[f"energy_distance_nfe{nfe:.0f}"] = self._point_quality(gather_chunks(chunks),
-                                                                              datamodule)["energy_distance"]
-        self.last_samples, self.last_rank_samples = kept
+                result[f"energy_distance_nfe{nfe:.0f}"] = point_metrics(
+                    gather_chunks(chunks), self._current_point_reference, datamodule.dataset,
+                    self.spec.pr_k)["energy_distance"]
         return result
+
+    def _sampling_std(self, model, datamodule, first: dict, labels, guidance: float, rank: int, world: int) -> dict:
+        """``<metric>_sampling_std``: the sample std of the cheap metrics over the main sample set and
+        ``spec.sampling_std_draws`` more, drawn with sampling seeds ``sampling_seed + 1, + 2, ...``."""
+        image = len(datamodule.data_shape) == 3
+        names = IMAGE_SAMPLING_STD_METRICS if image else SAMPLING_STD_METRICS
+        values = {key: [first[key]] for key in names if key in first}
+        for extra in range(1, self.spec.sampling_std_draws + 1):
+            chunks = self._draw(model, self._sampling_seed + extra, labels, guidance, rank, world,
+                                description=f"sampling (noise set {extra})")
+            if image:
+                metrics = self._image_metrics(chunks, datamodule, model.device, rank, world)
+            else:
+                metrics = point_metrics(gather_chunks(chunks), self._current_point_reference, datamodule.dataset,
+                                        self.spec.pr_k)
+            for key in values:
+                values[key].append(metrics[key])
+        return {"sampling_std_sets": 1 + self.spec.sampling_std_draws,
+                **{f"{key}_sampling_std": mean_and_std(v)[1] for key, v in values.items()}}
+
+    def _builtin_classifier(self) -> bool:
+        return self.spec.feature_extractor == "classifier" and self.spec.feature_extractor_weights_path is None
+
+    def _features(self, chunks, datamodule, device, rank: int, world: int, description: str) -> Tensor:
+        """Features of the samples in ``chunks`` (each rank featurises its own), gathered in chunk order."""
+        extractor = self._extractor.to(device)
+        with self._bar(sum(len(x) for _, x in chunks), description, rank, world) as bar:
+            fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), self.spec.sample_batch_size,
+                                                device, progress=bar)) for i, x in chunks]
+        return gather_chunks(fake_chunks)
+
+    def _image_metrics(self, chunks, datamodule, device, rank: int, world: int) -> dict:
+        """FID, KID and precision/recall of another sample set against the reference (extractor built)."""
+        spec = self.spec
+        reference, _, _ = self._reference_and_floor(datamodule, device, rank, world)
+        fake = self._features(chunks, datamodule, device, rank, world, "features (samples)")
+        kid, _ = kernel_distance(reference, fake, spec.kid_subsets, seed=spec.seed)
+        precision, recall = precision_recall(reference, fake, spec.pr_k)
+        return {"fid": frechet_distance(reference, fake), "kid": kid, "precision": precision, "recall": recall}
 
     def _image_quality(self, chunks, datamodule, device, rank: int, world: int, labels: Tensor | None = None) -> dict:
         spec = self.spec
+        if self._builtin_classifier() and spec.reference_split != "test":
+            raise ValueError(
+                f"reference_split: {spec.reference_split} with the built-in feature classifier of "
+                f"'{datamodule.dataset}': it was trained on non-test examples, which the {spec.reference_split} "
+                f"split of a data seed contains, so the reference would not be images it never saw. Use "
+                f"reference_split: test (the same split for every data seed), feature_extractor: inception, or a "
+                f"classifier of your own (feature_extractor_weights_path).")
         if self._extractor is None:
             self._extractor = build_extractor(spec.feature_extractor, datamodule.dataset,
                                               spec.feature_extractor_weights_path, self.cache_dir, rank, device)
-        extractor = self._extractor.to(device)
-        reference, floor_split = self._reference_and_floor(datamodule, device, rank, world)
-        floor = floor_split[: spec.n_samples]
-        with self._bar(sum(len(x) for _, x in chunks), "features (samples)", rank, world) as bar:
-            fake_chunks = [(i, extract_features(extractor, datamodule.to_pixels(x), spec.sample_batch_size, device,
-                                                progress=bar)) for i, x in chunks]
+        extractor = self._extractor
+        reference, floor_all, floor_set_ = self._reference_and_floor(datamodule, device, rank, world)
+        floor = floor_all[: spec.n_samples]
+        fake = self._features(chunks, datamodule, device, rank, world, "features (samples)")
         self.last_samples = gather_chunks(chunks)
-        fake = gather_chunks(fake_chunks)
         kid, kid_std = kernel_distance(reference, fake, spec.kid_subsets, seed=spec.seed)
         kid_floor, _ = kernel_distance(reference, floor, spec.kid_subsets, seed=spec.seed)
         precision, recall = precision_recall(reference, fake, spec.pr_k)
         extra_fids = {f"fid_n{n}": frechet_distance(reference, fake[:n]) for n in spec.fid_sample_counts or []
                       if 2 <= n < len(fake)}
+        if len(floor) < len(fake):  # the floor set holds fewer images than were sampled: the FID at its n too
+            extra_fids["fid_at_floor_n"] = frechet_distance(reference, fake[:len(floor)])
         if labels is not None:
-            extra_fids.update(self._class_metrics(datamodule, labels[:len(fake)], fake, reference, floor_split, device,
-                                                  rank))
+            extra_fids.update(self._class_metrics(datamodule, labels[:len(fake)], fake, reference, floor_all,
+                                                  floor_set_.labels, device, rank))
         return {**extra_fids, "extractor": f"{extractor.name}-{extractor.fingerprint}",
-                "reference_split": spec.reference_split,
+                "reference_split": spec.reference_split, "floor_split": floor_set_.name,
                 "n_reference": len(reference), "n_quality": len(fake), "n_floor": len(floor),
                 "fid": frechet_distance(reference, fake), "fid_floor": frechet_distance(reference, floor),
-                "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "precision": precision, "recall": recall}
+                "kid": kid, "kid_std": kid_std, "kid_floor": kid_floor, "kid_subsets": spec.kid_subsets,
+                "kid_subset_size": kid_subset_size(len(reference), len(fake)),
+                "precision": precision, "recall": recall}
 
     # ---- class-conditional samples ----
     def _class_logits(self, features: Tensor, pixels_of, datamodule, device, rank: int) -> Tensor:
@@ -243,18 +410,17 @@ class Evaluator:
             return torch.cat([classifier(pixels[i:i + self.spec.sample_batch_size].to(device)).cpu()
                               for i in range(0, len(pixels), self.spec.sample_batch_size)])
 
-    def _class_metrics(self, datamodule, labels: Tensor, fake: Tensor, reference: Tensor, floor_split: Tensor, device,
-                       rank: int) -> dict:
+    def _class_metrics(self, datamodule, labels: Tensor, fake: Tensor, reference: Tensor, floor_all: Tensor,
+                       floor_all_labels: Tensor, device, rank: int) -> dict:
         """Accuracy of the requested classes and class-conditional FID/KID (with their real-vs-real floors), from
-        the features of the samples (``fake``, drawn for ``labels``) and of the real splits. The floor takes, per
-        class, as many real examples of the floor split as there are samples of that class (its first ones)."""
+        the features of the samples (``fake``, drawn for ``labels``) and of the real sets. The floor takes, per
+        class, as many real examples of the floor set as there are samples of that class (its first ones)."""
         spec = self.spec
         reference_labels = datamodule.split_labels(spec.reference_split)
-        floor_split_labels = datamodule.split_labels(floor_split_for(spec.reference_split))
-        counts = torch.bincount(labels, minlength=int(floor_split_labels.max()) + 1)
-        chosen = torch.cat([(floor_split_labels == c).nonzero().squeeze(1)[:int(k)] for c, k in enumerate(counts)
+        counts = torch.bincount(labels, minlength=int(floor_all_labels.max()) + 1)
+        chosen = torch.cat([(floor_all_labels == c).nonzero().squeeze(1)[:int(k)] for c, k in enumerate(counts)
                             if k > 0])
-        floor, floor_labels = floor_split[chosen], floor_split_labels[chosen]
+        floor, floor_labels = floor_all[chosen], floor_all_labels[chosen]
         samples = self.last_samples
         fake_logits = self._class_logits(fake, lambda: datamodule.to_pixels(samples), datamodule, device, rank)
         real_logits = self._class_logits(reference, lambda: real_pixels(datamodule, spec.reference_split),
@@ -269,39 +435,39 @@ class Evaluator:
                 "class_kid": model_distances.kid, "class_kid_floor": floor_distances.kid,
                 "n_quality_per_class": int(counts[counts > 0].min())}
 
-    def _reference_and_floor(self, datamodule, device, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    def _reference_and_floor(self, datamodule, device, rank: int, world: int) -> tuple[Tensor, Tensor, FloorSet]:
+        """The reference split's features, the whole floor set's (the unconditional floor uses its first
+        n_samples, the class-conditional one the first examples of each class) and the floor set itself."""
         key = (datamodule.dataset, datamodule.seed, self.spec.reference_split)
         if key not in self._reference:
-            extract = lambda split: reference_features(self._extractor, datamodule, split, self.cache_dir,  # noqa
-                                                       rank, world, device, self.spec.sample_batch_size,
-                                                       progress=lambda n: self._bar(n, f"features ({split})", rank,
-                                                                                    world))
-            reference = extract(self.spec.reference_split)
-            # The whole floor split: the unconditional floor uses its first n_samples, the class-conditional
-            # one the first examples of each class.
-            self._reference[key] = (reference, extract(floor_split_for(self.spec.reference_split)))
+            bar = lambda name: lambda n: self._bar(n, f"features ({name})", rank, world)  # noqa: E731
+            reference = reference_features(self._extractor, datamodule, self.spec.reference_split, self.cache_dir,
+                                           rank, world, device, self.spec.sample_batch_size,
+                                           progress=bar(self.spec.reference_split))
+            floor = floor_set(datamodule, self.spec.reference_split, self._builtin_classifier())
+            features = floor_features(self._extractor, datamodule, floor, self.cache_dir, rank, world, device,
+                                      self.spec.sample_batch_size, progress=bar(floor.name))
+            self._reference[key] = (reference, features, floor)
         return self._reference[key]
 
     def _point_quality(self, samples: Tensor, datamodule) -> dict:
+        """Sample quality of 2D data (:mod:`lightning_flows.evaluation.point_quality`) with each metric's null."""
         spec = self.spec
         self.last_samples = samples
         n = len(samples)
-        reference = datamodule.split(spec.reference_split)[:n]
-        floor = datamodule.split(floor_split_for(spec.reference_split))[:n]
-        precision, recall = precision_recall(reference, samples.cpu(), spec.pr_k)
-        floor_key = (datamodule.dataset, datamodule.seed, spec.reference_split, n)
-        if floor_key not in self._point_floor:  # real data only: the same for every model and sampler
-            self._point_floor[floor_key] = float(energy_distance(floor, reference))
-        result = {"reference_split": spec.reference_split, "n_quality": n, "n_reference": len(reference),
-                  "energy_distance": float(energy_distance(samples.cpu(), reference)),
-                  "energy_distance_floor": self._point_floor[floor_key],
-                  "precision": precision, "recall": recall}
-        if datamodule.dataset in TOY_MODES:
-            centres, std = TOY_MODES[datamodule.dataset]
-            coverage = mode_coverage(samples.cpu(), centres, std)
-            result.update(modes_hit=coverage.modes_hit, num_modes=coverage.num_modes,
-                          mode_kl=coverage.kl_to_uniform, good_fraction=coverage.good_fraction)
-        return result
+        floor_split = floor_split_for(spec.reference_split)
+        key = (datamodule.dataset, datamodule.seed, spec.reference_split, n)
+        if key not in self._point_reference:  # real data only: the same for every model and sampler
+            ref = point_reference(datamodule, spec.reference_split, floor_split, n, spec.null_draws, self.cache_dir)
+            floor = datamodule.split(floor_split)[:n]
+            self._point_reference[key] = ref
+            self._point_floor[key] = float(energy_distance(floor, ref.reference))
+        ref = self._current_point_reference = self._point_reference[key]
+        metrics = point_metrics(samples, ref, datamodule.dataset, spec.pr_k)
+        return {"reference_split": spec.reference_split, "n_quality": n, "n_reference": len(ref.reference),
+                **metrics, "energy_distance_floor": self._point_floor[key], "mmd_bandwidth": ref.bandwidth,
+                "mmd_bandwidth_source": ref.bandwidth_source, **null_fields(metrics, ref),
+                "null_draws": ref.null_draws, "null_source": ref.null_source}
 
     # ---- paths of ODE samplers ----
     def _straightness(self, model, rank: int, world: int) -> dict:
@@ -316,7 +482,7 @@ class Evaluator:
         chunks = []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             for index, length in rank_chunks(spec.straightness_paths, spec.sample_batch_size, rank, world):
-                torch.manual_seed(chunk_seed(spec.seed, index))
+                torch.manual_seed(chunk_seed(self._sampling_seed, index))
                 x0 = torch.randn(length, *model.data_shape, device=model.device)
                 states = integrate(field, x0, solver, times=times).states  # (T, n, *shape)
                 velocities = torch.stack([field(x, t) for x, t in zip(states, times)])
@@ -355,7 +521,8 @@ class Evaluator:
 
 # Counts and settings that label other numbers; kept in results, not logged as metrics.
 LABEL_KEYS = ("n_reference", "n_quality", "n_floor", "sample_batch_size", "num_modes", "straightness_paths",
-              "guidance", "n_quality_per_class")
+              "guidance", "n_quality_per_class", "sampling_seed", "torch_threads", "iw_samples", "kid_subsets",
+              "kid_subset_size", "null_draws", "sampling_std_sets", "mmd_bandwidth")
 
 
 def metric_names(result: dict) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,10 +68,20 @@ def extract_features(extractor, pixels: Tensor, batch_size: int, device: torch.d
     return torch.cat(features)
 
 
-def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:
-    data_hash = split_fingerprint(datamodule, split)
-    key = f"{datamodule.dataset}_{split}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
+def content_fingerprint(name: str, data: Tensor) -> str:
+    """A hash of ``name`` and the contents of ``data`` (any tensor of real data)."""
+    digest = hashlib.sha256(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+    digest.update(data.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_path(cache_dir: Path, dataset: str, name: str, data_hash: str, extractor) -> Path:
+    key = f"{dataset}_{name}_{extractor.name}-{extractor.fingerprint}_{data_hash}"
     return Path(cache_dir) / "reference_features" / f"{key}_v{CACHE_VERSION}.pt"
+
+
+def reference_cache_path(cache_dir: Path, datamodule, split: str, extractor) -> Path:
+    return _cache_path(cache_dir, datamodule.dataset, split, split_fingerprint(datamodule, split), extractor)
 
 
 def _load_valid(path: Path, expected_rows: int) -> Tensor | None:
@@ -96,8 +107,15 @@ def reference_features(extractor, datamodule, split: str, cache_dir: Path, rank:
     ``progress``: optional ``total -> context manager yielding a tqdm bar``, used when the features are computed
     (not when they come from the cache); a split of 50,000 images through Inception takes a while.
     """
-    pixels = real_pixels(datamodule, split)
-    path = reference_cache_path(cache_dir, datamodule, split, extractor)
+    return real_features(extractor, datamodule.dataset, split, real_pixels(datamodule, split),
+                         reference_cache_path(cache_dir, datamodule, split, extractor), rank, world, device,
+                         batch_size, progress)
+
+
+def real_features(extractor, dataset: str, name: str, pixels: Tensor, path: Path, rank: int, world: int,
+                  device: torch.device, batch_size: int = 500, progress=None) -> Tensor:
+    """Features of the real images ``pixels: (N, C, H, W)`` (``name``: which set, e.g. a split), cached at
+    ``path``: ``(N, F)`` float32 on every rank (a collective; each rank extracts every world-th image)."""
     cached = _load_valid(path, len(pixels))
     # Decide together: a rank that missed the cache while another hit it would reach other collectives.
     if all_ranks_agree(cached is not None, device):
@@ -114,7 +132,46 @@ def reference_features(extractor, datamodule, split: str, cache_dir: Path, rank:
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"features": features, "key": path.stem, "dataset": datamodule.dataset, "split": split,
+        torch.save({"features": features, "key": path.stem, "dataset": dataset, "split": name,
                     "extractor": extractor.name}, tmp)
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return features
+
+
+@dataclass(frozen=True)
+class FloorSet:
+    """The real images of the FID floor: ``name`` (a split, or ``classifier_holdout``), ``pixels: (N, C, H, W)``
+    and ``labels: (N,)`` (None for unlabelled data)."""
+
+    name: str
+    pixels: Tensor
+    labels: Tensor | None
+
+
+# What a result's `floor_split` says when the floor is the built-in classifier's hold-out.
+CLASSIFIER_HOLDOUT = "classifier_holdout"
+
+
+def floor_set(datamodule, reference_split: str, builtin_classifier: bool) -> FloorSet:
+    """The floor's real images: with the built-in feature classifier, the non-test images it was not trained on
+    (:func:`lightning_flows.metrics.classifier.classifier_data`; the same for every data seed), so that, like the
+    reference and the samples, the classifier never saw them; otherwise the split
+    :func:`lightning_flows.evaluation.spec.floor_split_for` names (an extractor such as Inception saw none)."""
+    from lightning_flows.evaluation.spec import floor_split_for
+    from lightning_flows.metrics.classifier import classifier_data
+
+    if builtin_classifier:
+        pixels, labels = classifier_data(datamodule.dataset, datamodule.data_dir, datamodule.download).floor
+        return FloorSet(CLASSIFIER_HOLDOUT, pixels, labels)
+    split = floor_split_for(reference_split)
+    labels = getattr(datamodule.splits, f"{split}_labels", None)
+    return FloorSet(split, real_pixels(datamodule, split), None if labels is None else labels.long())
+
+
+def floor_features(extractor, datamodule, floor: FloorSet, cache_dir: Path, rank: int, world: int,
+                   device: torch.device, batch_size: int = 500, progress=None) -> Tensor:
+    """Features of ``floor`` (cached like the reference's): ``(N, F)`` on every rank (a collective)."""
+    path = _cache_path(cache_dir, datamodule.dataset, floor.name, content_fingerprint(floor.name, floor.pixels),
+                       extractor)
+    return real_features(extractor, datamodule.dataset, floor.name, floor.pixels, path, rank, world, device,
+                         batch_size, progress)

@@ -6,6 +6,12 @@ dequantisation bound ``log P(k) >= log p(y) - D log L`` on the integers. Hence
 
     bpd = (NLL_x - preprocess_log_det + D log L) / (D ln 2).
 
+The dequantisation bound holds in expectation over the uniform draw ``u`` (``y = (k + u) / L``) and is loose by
+the density's variation inside a cell. ``K`` draws give the tighter importance-weighted bound
+``log P(k) >= E[log (1/K) sum_k p(y_k)] - D log L`` (Theis et al. 2016; Ho et al. 2019), whose model-space NLL
+``-log (1/K) sum_k p(x_k)`` goes through this same formula (the evaluator's ``bpd_iw_<kind>``; see
+:mod:`lightning_flows.evaluation.likelihood_labels` for what each reported likelihood is).
+
 For continuous data (``levels=None``) the result is the differential entropy rate in bits/dim,
 ``(NLL_x - preprocess_log_det) / (D ln 2)``.
 """

@@ -14,6 +14,8 @@ of its weights) so that cached real-data statistics are never reused with other 
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -62,34 +64,70 @@ class ClassifierFeatures(_FrozenExtractor):
         return self.classifier.features(pixels.to(next(self.classifier.parameters()).dtype))
 
 
+def inception_state_dict(weights_path: str | Path | None = None) -> dict[str, Tensor]:
+    """torch-fidelity's Inception-v3 weights, read with ``weights_only=True``: from ``weights_path``, or
+    downloaded into (or found in) torch.hub's cache. Raises with the fix: a missing file, no network, a file
+    that is not a plain state dict (e.g. one that would run code when unpickled)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    if weights_path is None:
+        try:
+            # (torch.hub's own default is weights_only=False, also in torch >= 2.6: a cached file is untrusted too.)
+            return torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu", progress=False,
+                                                      weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(
+                f"Could not download torch-fidelity's Inception-v3 weights ({err}). Offline, fetch {URL_INCEPTION_V3} "
+                f"on a connected machine and pass the local file: feature_extractor_weights_path=<file.pth> "
+                f"(FIDCallback's init arg, e.g. --trainer.callbacks.init_args.feature_extractor_weights_path), or "
+                f"put it in torch.hub's cache ({Path(torch.hub.get_dir()) / 'checkpoints'}).") from err
+        except pickle.UnpicklingError as err:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+            from lightning_flows.checkpoints import load_failure
+
+            raise RuntimeError(f"The cached Inception-v3 weights {cached} are not a plain state dict "
+                               f"({load_failure(err)}); refusing to load them. Delete the file "
+                               f"and download it again from {URL_INCEPTION_V3}.") from err
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(f"Inception weights file {weights_path} does not exist; pass the path of "
+                                f"{URL_INCEPTION_V3.rsplit('/', 1)[-1]} as feature_extractor_weights_path.")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or pickled objects other than tensors
+        from lightning_flows.checkpoints import load_failure
+
+        raise RuntimeError(f"Could not read Inception weights file {weights_path} as a state dict "
+                           f"({load_failure(err)}); refusing to load it. Pass "
+                           f"{URL_INCEPTION_V3.rsplit('/', 1)[-1]} ({URL_INCEPTION_V3}) as "
+                           f"feature_extractor_weights_path.") from err
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise RuntimeError(f"Inception weights file {weights_path} holds a {type(state).__name__}, not a state dict "
+                           f"of tensors; pass {URL_INCEPTION_V3.rsplit('/', 1)[-1]} as feature_extractor_weights_path.")
+    return state
+
+
 class InceptionFeatures(_FrozenExtractor):
     """torch-fidelity's Inception-v3, 2048-d pool3 features: ``(B, 1 or 3, H, W)`` -> ``(B, 2048)``.
 
-    ``weights_path``: a local state dict; ``None`` lets torch-fidelity download its converted
-    TensorFlow weights (cached by torch.hub).
+    ``weights_path``: a local state dict; ``None`` downloads torch-fidelity's converted TensorFlow weights
+    (cached by torch.hub). Either way the file is read here with ``weights_only=True``
+    (:func:`inception_state_dict`), never by torch-fidelity.
     """
 
     name = "inception"
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(f"Inception weights file {weights_path} does not exist; pass the path of "
-                                    f"{URL_INCEPTION_V3.rsplit('/', 1)[-1]} as feature_extractor_weights_path.")
-        try:
-            self.network = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048"],
-                feature_extractor_weights_path=None if weights_path is None else str(weights_path))
-        except (OSError, RuntimeError) as err:
-            if weights_path is not None:
-                raise
-            raise RuntimeError(
-                f"Could not download torch-fidelity's Inception-v3 weights ({err}). Offline, fetch {URL_INCEPTION_V3} "
-                f"on a connected machine and pass the local file: feature_extractor_weights_path=<file.pth> "
-                f"(FIDCallback's init arg, e.g. --trainer.callbacks.init_args.feature_extractor_weights_path), or "
-                f"put it in torch.hub's cache ({Path(torch.hub.get_dir()) / 'checkpoints'}).") from err
+        state = inception_state_dict(weights_path)
+        # torch-fidelity's network loads its weights in its constructor with `torch.load(..., weights_only=False)`;
+        # it gets the tensors read above, re-serialised in memory, so no file's pickle ever reaches that call.
+        tensors = io.BytesIO()
+        torch.save(state, tensors)
+        tensors.seek(0)
+        self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=tensors)
         self.num_features = 2048
         self.fingerprint = state_fingerprint(self.network)
 

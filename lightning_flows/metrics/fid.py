@@ -9,7 +9,11 @@ torchmetrics objects through :class:`PrecomputedFeatures`, an identity "extracto
 * FID is biased at small sample counts (it shrinks with n); compare it only at equal n and
   reference set, beside the real-vs-real floor at that n.
 * KID is unbiased: its expectation does not depend on the number of samples, which is what a CPU
-  run with a few hundred samples can afford. Subsets are drawn with a fixed seed (reproducible).
+  run with a few hundred samples can afford. Subsets are drawn with a fixed seed (reproducible). Their
+  size is at most half of the smaller set (:func:`kid_subset_size`): a subset as large as a set is that
+  whole set every time, and the std over subsets would then miss that set's share of the noise (0 when both
+  sets are that size). The std over subsets is the noise of KID at the subset size, larger than at the
+  full sets' n: a conservative error bar.
 """
 
 from __future__ import annotations
@@ -51,13 +55,15 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 
 
 def kid_subset_size(n_real: int, n_fake: int, cap: int = 1000) -> int:
-    """KID's subset size: torchmetrics' default 1000, or the smaller set's size below that."""
-    return min(cap, n_real, n_fake)
+    """KID's subset size: torchmetrics' default 1000, or half the smaller set below that (at least 2), so that
+    subsets of either set differ from one another."""
+    return max(2, min(cap, min(n_real, n_fake) // 2))
 
 
 def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int | None = None,
                     seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std over ``subsets`` random subsets) between ``real: (N, F)`` and ``fake: (M, F)``."""
+    """KID (mean, std over ``subsets`` random subsets of ``subset_size``, default :func:`kid_subset_size`)
+    between ``real: (N, F)`` and ``fake: (M, F)``."""
     _check(real, fake)
     size = subset_size or kid_subset_size(len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features": that is the point here

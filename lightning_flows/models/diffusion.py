@@ -502,6 +502,12 @@ class Diffusion(GenerativeModel):
         """Both likelihoods, so the table shows DDPM's bound beside the probability-flow ODE's value."""
         return {"bound": lambda x: self.log_prob(x, kind="bound"), self._ode_label(): self.log_prob_ode}
 
+    def likelihood_traits(self) -> dict:
+        """What the bound is, for the evaluator's labels (:mod:`lightning_flows.evaluation.likelihood_labels`):
+        DDPM's, on the levels with the discretised decoder; its exponential is no density estimate, so it is not
+        importance-weighted over dequantisation draws. The ODE likelihood is described by its kind."""
+        return {"bound": {"name": "DDPM bound", "value": "bound", "on_levels": self.decoder == "discretized"}}
+
     def log_prob(self, x: Tensor, y: Tensor | None = None, kind: str | None = None) -> Tensor:
         """``log p(x)`` in nats per example, model space, ``(B,)``, of the given ``kind`` (default: the
         configured ``likelihood_kind``): ``bound`` is ``-L``, a stochastic lower bound; ``ode`` is exact.

@@ -37,7 +37,8 @@ samples per class (``C K`` decoder passes).
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -230,6 +231,25 @@ class VAE(GenerativeModel):
         per_class = [self.iwae_bound(x, self.iwae_k, torch.full((x.shape[0],), c, device=x.device))
                      for c in range(self.num_classes)]
         return torch.logsumexp(torch.stack(per_class), dim=0) + log_uniform_prior(self.num_classes)
+
+    def likelihood_traits(self) -> dict:
+        """What ``log_prob`` is, for the evaluator's labels (:mod:`lightning_flows.evaluation.likelihood_labels`):
+        an IWAE bound whose exponential is an unbiased estimate of ``p(x)``, on the levels themselves with a
+        discrete decoder."""
+        return {"bound": {"name": f"ELBO / IWAE-{self.iwae_k} bound", "value": "bound",
+                          "on_levels": self.decoder_kind != "gaussian", "unbiased_density": True}}
+
+    @contextmanager
+    def sampling_mode(self, mode: str) -> Iterator[None]:
+        """``sample`` draws with ``mode`` (``mean`` or ``sample``) inside the block: the evaluator scores a VAE
+        that shows decoder means on true draws ``x ~ p(x)`` as well."""
+        if mode not in ("mean", "sample"):
+            raise ValueError(f"sample_mode must be 'mean' or 'sample', got '{mode}'.")
+        before, self.sample_mode = self.sample_mode, mode
+        try:
+            yield
+        finally:
+            self.sample_mode = before
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0) -> Tensor:
