@@ -1,6 +1,6 @@
 """The evaluator under DDP (2 CPU ranks, gloo): FID, KID, precision/recall, bits/dim (one draw and importance-
-weighted over dequantisation draws) and sampling cost on digits, and the 2D metrics with their nulls and sampling
-noise on 8 Gaussians, equal the single-process values.
+weighted over dequantisation draws), sampling cost and a sampling variant's FID on digits, and the 2D metrics with
+their nulls and sampling noise on 8 Gaussians, equal the single-process values.
 
 The DDP run is a subprocess (this file run as a script: Lightning's DDP launcher starts rank 1 by
 re-running the same command) with a timeout: a metric computed in a rank-zero-only hook would
@@ -33,6 +33,18 @@ from test_eval_helpers import DiagonalGaussian, fitted_gaussian, random_classifi
 N_SAMPLES, CHUNK = 200, 50
 
 
+class GaussianWithAVariant(DiagonalGaussian):
+    """A sampling variant (as MeanFlow's 2 steps): a colder draw, reported at 2 NFE per sample."""
+
+    def sample(self, n: int, temperature: float = 1.0):
+        x = self.mean + temperature * self.log_std.exp() * torch.randn(n, *self.data_shape, device=self.device)
+        self.last_sample_nfe = 1 if temperature == 1.0 else 2
+        return x
+
+    def sampling_variants(self):
+        return [{"temperature": 0.5}]
+
+
 def _test(devices: int, datamodule, model, spec: EvaluationSpec) -> tuple[L.Trainer, EvaluationCallback]:
     evaluation = EvaluationCallback(spec)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
@@ -45,7 +57,7 @@ def _test(devices: int, datamodule, model, spec: EvaluationSpec) -> tuple[L.Trai
 def run_evaluation(devices: int, out_dir: Path, classifier: Path, cache_dir: Path, model_path: Path) -> dict:
     """``trainer.test`` with the evaluation callback on digits, then on 8 Gaussians; each rank writes what it
     logged."""
-    model = DiagonalGaussian()
+    model = GaussianWithAVariant()
     model.load_state_dict(torch.load(model_path, weights_only=True))
     spec = EvaluationSpec(n_samples=N_SAMPLES, sample_batch_size=CHUNK, likelihood_batch_size=40, kid_subsets=10,
                           iw_samples=3, feature_extractor_weights_path=str(classifier), cache_dir=str(cache_dir),
@@ -95,7 +107,7 @@ def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
     names = [f"test/fid_classifier_test_n{N_SAMPLES}", f"test/fid_floor_classifier_test_n{N_SAMPLES}",
              f"test/kid_classifier_test_n{N_SAMPLES}", "test/precision", "test/recall",
              "test/bpd_exact", "test/bpd_iw_exact", "test/bpd_discrete", "test/likelihood_examples",
-             "test/nfe_per_sample"]
+             "test/nfe_per_sample", f"test/fid_nfe2_classifier_test_n{N_SAMPLES}"]
     names += [f"8gaussians/test/{key}" for key in (
         "nll_exact", "energy_distance", "mmd", "ce_gap_nats", "precision", "recall", "energy_distance_null_std",
         "mmd_null_std", "ce_gap_nats_null_std", "mmd_sampling_std", "ce_gap_nats_sampling_std", "modes_hit")]
@@ -104,6 +116,7 @@ def test_fid_and_bpd_under_ddp_equal_the_single_process_values(setup_files):
             assert rank[name] == pytest.approx(single[name], rel=1e-6, abs=0), name
     assert ranks[0]["test/likelihood_examples"] == 180
     assert ranks[0]["test/bpd_iw_exact"] < ranks[0]["test/bpd_exact"]  # three draws per digit, not one
+    assert single[f"test/fid_nfe2_classifier_test_n{N_SAMPLES}"] != single[f"test/fid_classifier_test_n{N_SAMPLES}"]
 
 
 if __name__ == "__main__":

@@ -66,8 +66,9 @@ def bits_per_dim_bars(entries: Sequence[dict], path: Path, baselines: dict[str, 
              "bound": {"hatch": "//", "linestyle": "--"}}
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(bars) + 2), 4.2))
     for i, (_, _, kind, (mean, std)) in enumerate(bars):
+        base = kind.split("_")[0]  # exact_noisy, estimate_instantaneous, ...: drawn as their base kind
         ax.bar(i, mean, yerr=std, capsize=3, color="white" if kind != "exact" else "C0", edgecolor="C0",
-               hatch=style[kind]["hatch"], linestyle=style[kind]["linestyle"], label=KIND_LABEL[kind])
+               hatch=style[base]["hatch"], linestyle=style[base]["linestyle"], label=KIND_LABEL[kind])
     for j, (name, value) in enumerate((baselines or {}).items()):
         ax.axhline(value, color=f"C{j + 1}", linestyle="--", linewidth=1, label=name)
     ax.set_xticks(range(len(bars)), [f"{m}\n{d}" for d, m, _, _ in bars], fontsize=8)

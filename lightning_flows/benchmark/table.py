@@ -9,13 +9,19 @@ and exact likelihoods, bounds and unbiased estimates in separate columns.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Sequence
 
-from lightning_flows.benchmark.lecture import LECTURE_COLUMNS, LECTURE_ROWS
+from lightning_flows.benchmark.lecture import BEYOND_THE_LECTURE, LECTURE_COLUMNS, lecture_row
 
-LIKELIHOOD_KINDS = ("exact", "estimate", "bound")
-KIND_LABEL = {"exact": "exact", "estimate": "unbiased est.", "bound": "bound"}
+# What a family's log_prob is (GenerativeModel.likelihood_kind / likelihood_estimators): the three plain kinds, and
+# the exact densities of something other than the data's own model (TarFlow: of the noise-augmented data;
+# MeanFlow: of the ODE of its instantaneous velocity, not of its few-step sampler).
+LIKELIHOOD_KINDS = ("exact", "estimate", "bound", "exact_noisy", "exact_instantaneous", "estimate_instantaneous")
+KIND_LABEL = {"exact": "exact", "estimate": "unbiased est.", "bound": "bound",
+              "exact_noisy": "exact, of data + N(0, sigma^2)", "exact_instantaneous": "exact, ODE of u(z, t, t)",
+              "estimate_instantaneous": "unbiased est., ODE of u(z, t, t)"}
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
@@ -128,9 +134,14 @@ def _limitation_summary(entry: dict, image: bool) -> str:
         parts.append(f"posterior gap {cell(entry, 'posterior_gap_nats', '{:.2f}')} nats")
     if not image and "mode_kl" in entry and family == "GAN":
         parts.append(f"mode KL {cell(entry, 'mode_kl', '{:.3f}')} nats")
-    if family in ("CNF", "FlowMatching", "Diffusion") and "nfe_per_sample" in entry:
+    if "nfe_per_sample" in entry and entry["nfe_per_sample"][0] > 1:  # ODE solves, reverse chains, sequential flows
         parts.append(f"{cell(entry, 'nfe_per_sample', '{:.0f}', False)} NFE/sample")
     quality = "fid" if image else "energy_distance"
+    variants = {int(m[1]): m[0] for m in (re.fullmatch(f"{quality}_nfe([0-9]+)", k) for k in entry) if m}
+    digits = "{:.1f}" if image else "{:.4f}"
+    for nfe, key in sorted(variants.items()):  # other sampling settings (GenerativeModel.sampling_variants)
+        parts.append(f"{'FID' if image else 'ED'} {cell(entry, key, digits)} at {nfe} NFE vs "
+                     f"{cell(entry, quality, digits)} at {cell(entry, 'nfe_per_sample', '{:.0f}', False)}")
     if quality in entry and len(entry["seeds"]) > 1:
         mean, std = entry[quality]
         parts.append(f"seed spread {100 * std / max(abs(mean), 1e-12):.0f}% of {'FID' if image else 'ED'}")
@@ -140,16 +151,17 @@ def _limitation_summary(entry: dict, image: bool) -> str:
 
 
 def lecture_table(entries: Sequence[dict], image_datasets: set[str]) -> str:
-    """The lecture's rows, each followed by the measured row (one line per dataset in each cell)."""
+    """The lecture's rows, each followed by the measured row (one line per dataset in each cell); the families beyond
+    the lecture come last, with their papers' claims in place of the lecture's."""
     by_model: dict[str, list[dict]] = defaultdict(list)
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: e.get("family") in BEYOND_THE_LECTURE):  # stable: suite order kept
         by_model[entry["model"]].append(entry)
     header = ["Method", "", *LECTURE_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for model, members in by_model.items():
         family = members[0].get("family", model)
-        method, lecture = LECTURE_ROWS.get(family, (family, ("-",) * len(LECTURE_COLUMNS)))
-        lines.append(f"| {method} ({model}) | lecture | " + " | ".join(lecture) + " |")
+        method, source, claims = lecture_row(family)
+        lines.append(f"| {method} ({model}) | {source} | " + " | ".join(claims) + " |")
         columns: list[list[str]] = [[] for _ in LECTURE_COLUMNS]
         for entry in members:
             image = entry["dataset"] in image_datasets

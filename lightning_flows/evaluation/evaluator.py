@@ -89,6 +89,8 @@ KEYS = {
     "fid_at_floor_n": "only when n_floor < n_quality (the floor set holds fewer images than were sampled): FID of "
                       "the first n_floor samples, the model's FID at the floor's n",
     "fid_n<n>": "FID of the first n samples (EvaluationSpec.fid_sample_counts)",
+    "fid_nfe<k> / energy_distance_nfe<k>": "the same quality metric for another sampling setting of the model at k "
+                                           "NFE/sample (GenerativeModel.sampling_variants, e.g. MeanFlow's 2 steps)",
     "kid / kid_std / kid_floor": "unbiased KID (mean over kid_subsets subsets of kid_subset_size, at most half the "
                                  "smaller set so subsets differ), its std over the subsets (the noise at that subset "
                                  "size; a usable error bar from ~10 subsets on) and the floor's KID",
@@ -244,13 +246,14 @@ class Evaluator:
         return requested_classes(self.spec.n_samples, model.num_classes)
 
     def _draw(self, model, seed: int, labels, guidance: float, rank: int, world: int, cost=None,
-              description: str = "sampling"):
-        """This rank's chunks of ``spec.n_samples`` samples drawn with ``seed`` (see :func:`generate_chunks`)."""
+              description: str = "sampling", options: dict | None = None):
+        """This rank's chunks of ``spec.n_samples`` samples drawn with ``seed`` (see :func:`generate_chunks`);
+        ``options``: further keyword arguments of ``model.sample`` (a sampling variant)."""
         spec = self.spec
         share = sum(length for _, length in rank_chunks(spec.n_samples, spec.sample_batch_size, rank, world))
         with self._bar(share, description, rank, world) as bar:
             return generate_chunks(model, spec.n_samples, spec.sample_batch_size, seed, rank, world, cost,
-                                   progress=bar, labels=labels, guidance=guidance)
+                                   progress=bar, labels=labels, guidance=guidance, options=options)
 
     def _samples(self, model, datamodule, rank: int, world: int) -> dict:
         spec = self.spec
@@ -290,7 +293,30 @@ class Evaluator:
             result.update({f"{key}_true_draws": metrics[key] for key in IMAGE_SAMPLING_STD_METRICS})
         if spec.sampling_std_draws:
             result.update(self._sampling_std(model, datamodule, result, labels, guidance, rank, world))
+        if spec.extras:
+            result.update(self._variant_quality(model, datamodule, rank, world, labels, guidance))
         self.last_samples = samples
+        return result
+
+    def _variant_quality(self, model, datamodule, rank: int, world: int, labels: Tensor | None,
+                         guidance: float) -> dict:
+        """FID (images) or energy distance (2D) of a draw with the same sampling seed under each of the model's
+        ``sampling_variants``, keyed by the variant's measured NFE; the evaluated samples stay the default's."""
+        result, image = {}, len(datamodule.data_shape) == 3
+        for options in model.sampling_variants():
+            cost = SamplingCost()
+            chunks = self._draw(model, self._sampling_seed, labels, guidance, rank, world, cost,
+                                description=f"sampling ({options})", options=options)
+            nfe = cost.reduced(model.device).nfe_per_sample
+            if nfe is None:
+                raise ValueError(f"{type(model).__name__}.sampling_variants() gave {options}, but sample() did not "
+                                 f"report its NFE (set last_sample_nfe); the variant's quality is keyed by it.")
+            if image:
+                result[f"fid_nfe{nfe:.0f}"] = self._image_metrics(chunks, datamodule, model.device, rank, world)["fid"]
+            else:
+                result[f"energy_distance_nfe{nfe:.0f}"] = point_metrics(
+                    gather_chunks(chunks), self._current_point_reference, datamodule.dataset,
+                    self.spec.pr_k)["energy_distance"]
         return result
 
     def _sampling_std(self, model, datamodule, first: dict, labels, guidance: float, rank: int, world: int) -> dict:
@@ -506,7 +532,7 @@ def metric_names(result: dict) -> dict[str, str]:
     for key, value in result.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key in LABEL_KEYS:
             continue
-        if key in ("fid", "kid", "kid_std", "class_fid", "class_kid", "class_accuracy"):
+        if key in ("fid", "kid", "kid_std", "class_fid", "class_kid", "class_accuracy") or key.startswith("fid_nfe"):
             names[key] = f"{key}_{result['extractor'].split('-')[0]}_{result['reference_split']}_n{result['n_quality']}"
             if result.get("guidance", 1.0) != 1.0:  # guided samples are another model's: never mix them up
                 names[key] += f"_w{result['guidance']:g}"

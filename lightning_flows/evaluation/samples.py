@@ -54,11 +54,12 @@ def warm_up(model, n: int, labels: Tensor | None = None, guidance: float = 1.0) 
 
 def generate_chunks(model, n: int, chunk_size: int, seed: int, rank: int, world: int,
                     cost: SamplingCost | None = None, progress=None, labels: Tensor | None = None,
-                    guidance: float = 1.0) -> list[Chunk]:
+                    guidance: float = 1.0, options: dict | None = None) -> list[Chunk]:
     """This rank's chunks of the ``n`` samples, in model space, each timed into ``cost``.
 
     ``labels: (n,)``: the class each sample is drawn for (a conditional model), drawn with ``guidance``;
-    sample ``j`` is always drawn for ``labels[j]``, whichever rank draws its chunk.
+    sample ``j`` is always drawn for ``labels[j]``, whichever rank draws its chunk. ``options``: further keyword
+    arguments of ``model.sample`` (a sampling variant, :meth:`GenerativeModel.sampling_variants`).
 
     Sampling runs under ``fork_rng``, so training randomness is untouched by evaluation, and under
     ``torch.inference_mode`` (no autograd bookkeeping at all; a chunk at a time bounds the memory).
@@ -69,7 +70,7 @@ def generate_chunks(model, n: int, chunk_size: int, seed: int, rank: int, world:
     with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
         for index, length in rank_chunks(n, chunk_size, rank, world):
             torch.manual_seed(chunk_seed(seed, index))
-            extra = sample_kwargs(labels, index * chunk_size, length, guidance)
+            extra = {**sample_kwargs(labels, index * chunk_size, length, guidance), **(options or {})}
             chunks.append((index, timed_sample(model, length, cost, model.device, **extra)))
             if progress is not None:
                 progress.update(length)

@@ -92,6 +92,12 @@ class GenerativeModel(L.LightningModule):
         family that does not sample by an ODE. The evaluator measures the straightness of its paths."""
         return None
 
+    def sampling_variants(self) -> list[dict]:
+        """Other settings of ``sample`` (its keyword arguments) whose sample quality the evaluator also reports,
+        each under its measured NFE (``fid_nfe<k>``, ``energy_distance_nfe<k>``): a family whose key trade-off is
+        a sampling choice (MeanFlow: 1 vs 2 steps) shows it in the table. None by default."""
+        return []
+
     @property
     def likelihood_kind(self) -> str:
         """What ``log_prob`` returns: ``exact``, ``bound``, ``estimate`` (an unbiased estimate of the exact

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flows.nn.class_conditioning import ClassEmbedding
-from lightning_flows.nn.time_embedding import SinusoidalTimeEmbedding, broadcast_time
+from lightning_flows.nn.time_embedding import IntervalEmbedding, SinusoidalTimeEmbedding, add_interval, broadcast_time
 
 
 def _groups(channels: int) -> int:
@@ -46,11 +46,15 @@ class TimeUNet(nn.Module):
         base_channels: channels of the first level; level ``i`` has ``base_channels * channel_mults[i]``.
         num_classes: ``> 0`` adds a learned class embedding to the time embedding, ``f(x, t, y)``; index
             ``num_classes`` is the null class (also used when ``y`` is None). 0: the unconditional network.
+        interval_time: a second time input ``interval`` (MeanFlow's ``b - a``) with its own embedding MLP, added
+            to the time embedding; False builds exactly the one-time network.
+        time_scale: the sinusoidal embeddings' time stretch (:class:`SinusoidalTimeEmbedding`).
     """
 
     def __init__(self, data_shape: Sequence[int], base_channels: int = 32,
                  channel_mults: Sequence[int] = (1, 2, 2), time_dim: int = 128, dropout: float = 0.0,
-                 out_channels: int | None = None, num_classes: int = 0):
+                 out_channels: int | None = None, num_classes: int = 0, interval_time: bool = False,
+                 time_scale: float = 1000.0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(
@@ -61,8 +65,8 @@ class TimeUNet(nn.Module):
         factor = 2 ** (len(channel_mults) - 1)
         if h % factor or w % factor:
             raise ValueError(f"Image size {h}x{w} is not divisible by {factor}; use fewer channel_mults.")
-        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim), nn.Linear(time_dim, time_dim),
-                                        nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_embed = nn.Sequential(SinusoidalTimeEmbedding(time_dim, scale=time_scale),
+                                        nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         if num_classes:
             self.class_embed = ClassEmbedding(num_classes, time_dim)
         widths = [base_channels * m for m in channel_mults]
@@ -86,13 +90,19 @@ class TimeUNet(nn.Module):
                 prev = widths[i - 1]
         self.out_norm = nn.GroupNorm(_groups(widths[0]), widths[0])
         self.out = nn.Conv2d(widths[0], out_channels or c, 3, padding=1)
+        if interval_time:  # created last: the one-time network's initialisation is unchanged
+            self.interval_embed = IntervalEmbedding(time_dim, nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(),
+                                                                            nn.Linear(time_dim, time_dim)),
+                                                 scale=time_scale)
 
-    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
+                interval: Tensor | float | None = None) -> Tensor:
         emb = self.time_embed(broadcast_time(t, x.shape[0], x))
         if hasattr(self, "class_embed"):
             emb = emb + self.class_embed(y, x.shape[0], x.device)
         elif y is not None:
             raise ValueError("this network is unconditional (num_classes=0) and takes no labels.")
+        emb = add_interval(self, emb, interval, x)
         h = self.inp(x)
         skips = []
         for block, down in zip(self.down_blocks, self.downsample):
