@@ -39,7 +39,8 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
         assert logger["init_args"].pop("name") == plain["trainer"]["logger"]["init_args"].pop("name") + "_conditional"
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
         assert "callbacks" not in plain["trainer"]
-        assert conditional["trainer"].pop("callbacks") == [{"class_path": "lightning_flows.callbacks.EMACallback", "init_args": {"decay": 0.9999}}]
+        ema = {"class_path": "lightning_flows.callbacks.EMACallback", "init_args": {"decay": 0.9999}}
+        assert conditional["trainer"].pop("callbacks") == [ema]
     assert conditional == plain
 
 
