@@ -4,6 +4,7 @@ tiny suite, and the GPU suites' dry run on a CPU."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,23 +71,58 @@ def _row(model, family, dataset, seed, **numbers):
 
 
 def test_table_writer_aggregates_seeds_and_keeps_likelihood_kinds_apart():
-    rows = [_row("vae", "VAE", "digits", 0, bpd_bound=2.0, fid=10.0, fid_floor=1.0),
-            _row("vae", "VAE", "digits", 1, bpd_bound=3.0, fid=14.0, fid_floor=1.0),
+    rows = [_row("vae", "VAE", "digits", 1, bpd_bound=3.0, fid=14.0, fid_floor=1.0),
+            _row("vae", "VAE", "digits", 0, bpd_bound=2.0, fid=10.0, fid_floor=1.0),
             _row("glow", "Glow", "digits", 0, bpd_exact=1.5, fid=20.0, fid_floor=1.0),
             _row("glow", "Glow", "digits", 1, bpd_exact=1.5, fid=22.0, fid_floor=1.0)]
     entries = aggregate(rows)
     vae = next(e for e in entries if e["model"] == "vae")
-    assert vae["bpd_bound"] == (2.5, 0.5) and vae["fid"] == (12.0, 2.0) and vae["seeds"] == [0, 1]
+    # the sample standard deviation (n - 1), and the values in seed order whatever order the rows came in
+    assert vae["bpd_bound"] == (2.5, math.sqrt(0.5)) and vae["fid"] == (12.0, math.sqrt(8.0)) and vae["seeds"] == [0, 1]
+    assert vae["per_seed"]["fid"] == [10.0, 14.0]
     table = dataset_table(entries, image=True)
     header, _, vae_line, glow_line = table.strip().splitlines()
-    assert "bits/dim (exact)" in header and "bits/dim (bound)" in header
+    assert "bits/dim 1 draw (exact)" in header and "bits/dim 1 draw (bound)" in header
     cells = dict(zip([h.strip() for h in header.split("|")], [c.strip() for c in vae_line.split("|")]))
-    assert cells["bits/dim (bound)"] == "2.500 ± 0.500" and cells["bits/dim (exact)"] == "-"
+    assert cells["bits/dim 1 draw (bound)"] == "2.000 / 3.000" and cells["bits/dim 1 draw (exact)"] == "-"
     assert cells["FID floor"] == "1.00"  # a property of the data: no spread
     lecture = lecture_table(entries, {"digits"})
     assert "| VAE (vae) | lecture | ELBO (variational)" in lecture
     assert lecture.count("| | measured |") == 2
-    assert "2.50 ± 0.50 bits/dim (bound)" in lecture and "1.50 ± 0.00 bits/dim (exact)" in lecture
+    assert "2.00 / 3.00 bits/dim (bound)" in lecture and "1.50 / 1.50 bits/dim (exact)" in lecture
+    assert "FID 10.0 / 14.0 (floor 1.0)" in lecture and f"seed sd {math.sqrt(8.0):.1f} FID" in lecture
+
+
+def test_the_headline_likelihood_is_the_lowest_discrete_bound_with_its_label():
+    """Every first number of a digits Likelihood cell bounds the same discrete NLL, and says which bound it is."""
+    labels = {"likelihood_label_discrete": "discrete, IW-8 bound", "likelihood_source_discrete": "bpd_iw_exact",
+              "likelihood_label_exact": "dequantised bound"}
+    rows = [_row("glow", "Glow", "digits", s, bpd_exact=2.2, bpd_iw_exact=2.1, bpd_discrete=2.1, **labels)
+            for s in (0, 1)]
+    rows += [_row("vae", "VAE", "digits", s, bpd_bound=2.0, bpd_discrete=2.0,
+                  likelihood_label_discrete="ELBO / IWAE-64 bound", likelihood_source_discrete="bpd_bound",
+                  likelihood_label_bound="ELBO / IWAE-64 bound") for s in (0, 1)]
+    entries = aggregate(rows)
+    lecture = lecture_table(entries, {"digits"})
+    assert "digits: 2.10 / 2.10 bits/dim (discrete, IW-8 bound); 2.20 / 2.20 bits/dim (dequantised bound)" in lecture
+    assert "digits: 2.00 / 2.00 bits/dim (ELBO / IWAE-64 bound) |" in lecture  # the source is not repeated
+    header, _, glow_line, _ = dataset_table(entries, image=True).strip().splitlines()
+    cells = dict(zip([h.strip() for h in header.split("|")], [c.strip() for c in glow_line.split("|")]))
+    assert cells["bits/dim (discrete NLL, upper bound)"] == "2.100 / 2.100"
+    assert cells["which bound"] == "discrete, IW-8 bound"
+
+
+def test_2d_quality_prints_per_seed_values_beside_the_data_noise_and_no_ratio_to_zero():
+    common = dict(energy_distance_null_mean=0.0, energy_distance_null_std=0.001, num_modes=8.0,
+                  ce_gap_nats_null_mean=0.0, ce_gap_nats_null_std=0.02)
+    rows = [_row("realnvp", "RealNVP", "8gaussians", 0, energy_distance=0.00099, energy_distance_within_noise=True,
+                 modes_hit=8.0, ce_gap_nats=0.4, ce_gap_nats_within_noise=False, **common),
+            _row("realnvp", "RealNVP", "8gaussians", 1, energy_distance=-0.00111, energy_distance_within_noise=True,
+                 modes_hit=7.0, ce_gap_nats=0.01, ce_gap_nats_within_noise=True, **common)]
+    lecture = lecture_table(aggregate(rows), set())
+    assert "ED 0.0010 / -0.0011 (real: 0.0000 ± 0.0010, within data noise)" in lecture
+    assert "CE gap +0.40 / +0.01 nats (real: 0.00 ± 0.02, 1 of 2 seeds within data noise)" in lecture
+    assert "8 / 7 of 8 modes" in lecture and "%" not in lecture
 
 
 def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_beyond_the_lecture_rows_follow_the_lecture_rows_with_their_own_claims_a
     assert "65 NFE/sample" in lecture  # TarFlow's key limitation: its sequential steps
     assert "FID 40.0 at 2 NFE vs 60.0 at 1" in lecture  # MeanFlow's: the quality its second step buys
     header = dataset_table(entries, image=True).splitlines()[0]
-    assert "bits/dim (exact, of data + N(0, sigma^2))" in header and "bits/dim (exact)" in header
+    assert "bits/dim 1 draw (exact, of data + N(0, sigma^2))" in header and "bits/dim 1 draw (exact)" in header
 
 
 def test_each_beyond_row_fills_every_lecture_column():

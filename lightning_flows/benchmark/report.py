@@ -17,7 +17,7 @@ from lightning_flows.benchmark.environment import describe_device
 from lightning_flows.benchmark.figures import bits_per_dim_bars, montage, quality_vs_cost
 from lightning_flows.benchmark.store import Store, atomic_write_bytes, atomic_write_text
 from lightning_flows.benchmark.suite import run_slug
-from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table
+from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table, spread_note
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.evaluation import KEYS
 from lightning_flows.metrics.baselines import independent_pixel_bits_per_dim
@@ -26,23 +26,35 @@ COLUMN_GUIDE = """\
 How to read it:
 - Every number comes from `lightning_flows.evaluation.Evaluator`, the code behind the evaluation callbacks and
   `lightning-flows test`; the weights evaluated are the ones `lightning-flows sample` uses (`weights`: EMA where
-  the run kept an average). `mean ± std` is over the seeds (population std).
+  the run kept an average). Cells with several values list each seed's value in seed order (`a / b`); with more
+  than three seeds a cell is `mean ± sd`, sd the sample standard deviation. Each seed trains and draws its samples
+  with its own seed.
 - *steps × batch*: optimizer steps per network at that batch size (the GAN's discriminator and generator each take
   that many). *train s*: time inside training batches only (no start-up, validation, sample grids or checkpoints);
   *examples/s* = examples seen / train s.
 - *NFE/sample*: network evaluations per sample; *ms/sample*: device-milliseconds per sample after a warm-up,
   drawing the same batch size for every family.
-- *bits/dim*: test NLL of the dequantised data through the one bits/dim formula; *exact* = exact likelihood,
-  *unbiased est.* = an unbiased estimate of the exact likelihood (Hutchinson's trace), *bound* = a variational
-  bound (VAE: IWAE-K; diffusion: DDPM's bound). A bound is an upper bound on the NLL, not comparable as equal.
-- *NLL gap*: test NLL minus the data's true entropy on the same points (0 is the physical limit).
+- *bits/dim* on discrete data: every headline value (*discrete NLL, upper bound*; in the lecture table the first
+  number of a Likelihood cell) is an upper bound on the same quantity, the model's NLL of the integer pixel levels
+  -log2 P(k) per dimension, so rows compare like with like and lower is better. *which bound* says which of the
+  model's upper bounds was lowest: *discrete, IW-K bound* (a continuous density averaged over K dequantisation
+  draws, Flow++'s estimate, tight as K grows), *ELBO / IWAE-K bound* (the VAE's discrete decoder), *DDPM bound*,
+  *dequantised bound* (one dequantisation draw). The *1 draw* columns are each likelihood at the split's one fixed
+  dequantisation draw: for a continuous density a looser bound of the same discrete NLL (*unbiased est.*:
+  Hutchinson's estimate of it).
+- *NLL gap* (2D): test NLL minus the data's true entropy on the same points (0 is the physical limit), labelled
+  exact, unbiased est. or the bound it is (the VAE's IWAE-K, diffusion's DDPM bound).
 - *FID/KID*: features of the suite's extractor on n generated samples against the reference split; the *floor*
   is another real split at the same n against the same reference. FID shrinks with n, so compare it only at equal
   n and extractor (these are not comparable with published Inception FIDs unless the extractor is Inception and n
-  is 10k/50k); KID is unbiased in n. *precision/recall*: k-NN manifolds (k=3) in feature space.
-- *energy dist.* (2D): energy distance of the samples to held-out data; the floor compares two real sets (this
-  U-statistic can dip below zero). *modes hit*: of the 8 Gaussians, modes receiving >= 1% of the samples;
-  *mode KL*: KL(mode histogram || uniform).
+  is 10k/50k); KID is unbiased in n. *precision/recall*: k-NN manifolds (k=3) in feature space. A VAE's FID is on
+  its decoder means (sharper than its draws); *FID, true draws* scores draws from the model whose bits/dim is shown.
+- 2D: *CE gap*: the samples' cross-entropy under the true density minus its entropy, in nats (precision-side: mass
+  between the modes raises it; 0 for real data); *energy dist.* and *MMD²* (a Gaussian kernel at the mixture's
+  own scale): unbiased statistics to held-out data, so values near zero can be negative for a model as for real
+  data. *real* and *real sd*: the same statistic for fresh real sets of the same n (mean and sample sd), the noise
+  floor; "within data noise" means within 2 real sd of the real mean. *modes hit*: modes receiving >= 1% of the
+  samples, per seed, out of the dataset's modes; *mode KL*: KL(mode histogram || uniform).
 - *posterior gap*: VAE's IWAE-K bound minus its ELBO (nats), the lecture's "posterior gap".
 """
 
@@ -82,7 +94,7 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     image_datasets = {d for d in suite.datasets if suite.datamodule(d).info.is_image}
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment),
-             f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); mean ± std over seeds.", ""]
+             f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); {spread_note(entries)}", ""]
     if suite.description:
         parts += [suite.description.strip(), ""]
     parts += _partial_note(len(suite.runs), missing)

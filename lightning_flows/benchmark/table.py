@@ -1,9 +1,10 @@
 """Aggregate a suite's per-seed results and print them as markdown: the lecture's comparison table with
 a measured row under each qualitative one, and one detailed table per dataset.
 
-Every cell is ``mean ± std`` over seeds (population std; the seed count is in the header). No column
-mixes units or kinds: bits/dim (discrete data) and NLL gaps in nats (2D data) sit in separate tables,
-and exact likelihoods, bounds and unbiased estimates in separate columns.
+With up to :data:`PER_SEED_UP_TO` seeds a cell prints every seed's value in seed order (``80.1 / 81.9``); with
+more, ``mean ± sd`` with the sample standard deviation (n - 1). No column mixes units or kinds: bits/dim
+(discrete data) and NLL gaps in nats (2D data) sit in separate tables, and every likelihood carries the label
+of what it is (``evaluation/likelihood_labels.py``).
 """
 
 from __future__ import annotations
@@ -24,22 +25,36 @@ KIND_LABEL = {"exact": "exact", "estimate": "unbiased est.", "bound": "bound",
               "estimate_instantaneous": "unbiased est., ODE of u(z, t, t)"}
 
 
+PER_SEED_UP_TO = 3  # seeds whose values a cell lists one by one; beyond, mean ± sample sd
+
+# Strings every seed of a model shares, kept beside the numbers (what a likelihood is, how samples were drawn).
+LABEL_PREFIXES = ("likelihood_label_", "likelihood_source_")
+LABEL_KEYS = ("family", "objective", "likelihood_declared", "weights", "extractor", "reference_split", "reasons",
+              "sample_mode", "floor_split")
+
+
 def aggregate(rows: Sequence[dict]) -> list[dict]:
-    """One entry per (dataset, model): every numeric key as ``{key: (mean, std)}`` plus the constant labels."""
+    """One entry per (dataset, model): every numeric key as ``{key: (mean, sd)}`` (sd: sample standard deviation,
+    0 with one seed), ``entry["per_seed"][key]``: the values in seed order, ``entry["flags"][key]``: boolean keys
+    (e.g. ``energy_distance_within_noise``) per seed, plus the labels."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["dataset"], row["model"])].append(row)
     out = []
     for (dataset, model), members in groups.items():
-        entry = {"dataset": dataset, "model": model, "seeds": sorted(r["seed"] for r in members)}
+        members = sorted(members, key=lambda r: r["seed"])
+        entry = {"dataset": dataset, "model": model, "seeds": [r["seed"] for r in members], "per_seed": {},
+                 "flags": {}}
         numeric_keys = {k for r in members for k, v in r.items() if _is_number(v)} - {"seed"}
         for key in sorted(numeric_keys):
             values = [float(r[key]) for r in members if _is_number(r.get(key))]
             mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-            entry[key] = (mean, std)
-        for key in ("family", "objective", "likelihood_declared", "weights", "extractor", "reference_split",
-                    "reasons"):
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            entry[key] = (mean, sd)
+            entry["per_seed"][key] = values
+        for key in {k for r in members for k, v in r.items() if isinstance(v, bool)}:
+            entry["flags"][key] = [r[key] for r in members if isinstance(r.get(key), bool)]
+        for key in (*LABEL_KEYS, *{k for r in members for k in r if k.startswith(LABEL_PREFIXES)}):
             values = [r.get(key) for r in members if r.get(key) is not None]
             if values:
                 entry[key] = values[0] if key != "weights" else "/".join(sorted(set(values)))
@@ -52,14 +67,29 @@ def _is_number(value) -> bool:
 
 
 def cell(entry: dict, key: str, fmt: str = "{:.3f}", spread: bool = True) -> str:
-    """``mean ± std`` of ``key`` (just the mean with one seed or ``spread=False``), or ``-``."""
+    """Each seed's value of ``key`` (``a / b``) up to :data:`PER_SEED_UP_TO` seeds, else ``mean ± sd`` (sample
+    sd); just the mean with one seed, ``spread=False`` or a key the suite fixes; ``-`` when absent."""
     if key not in entry:
         return "-"
-    mean, std = entry[key]
-    text = fmt.format(mean)
-    if not spread or len(entry["seeds"]) < 2 or key in CONSTANT_KEYS:
-        return text
-    return f"{text} ± {fmt.replace('+', '').format(std)}"
+    mean, sd = entry[key]
+    values = entry.get("per_seed", {}).get(key, [mean])
+    if not spread or len(values) < 2 or key in CONSTANT_KEYS:
+        return fmt.format(mean)
+    if len(values) <= PER_SEED_UP_TO:
+        return " / ".join(fmt.format(v) for v in values)
+    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(sd)}"
+
+
+def spread_note(entries: Sequence[dict]) -> str:
+    """How the cells of ``entries`` show the seeds (for the report's header)."""
+    counts = sorted({len(e["seeds"]) for e in entries})
+    if not counts or counts[-1] < 2:
+        return "one seed per model: each cell is that run's value."
+    if counts[-1] <= PER_SEED_UP_TO:
+        return ("cells with several values list each seed's value in seed order (`a / b`); each seed trains and "
+                "draws its samples with its own seed, so their difference is training plus sampling noise "
+                "(with the evaluation's `sampling_std_draws`, results.json also holds the sampling noise alone).")
+    return "`mean ± sd` over seeds, sd the sample standard deviation (n - 1)."
 
 
 def _steps(entry: dict) -> str:
@@ -71,59 +101,122 @@ CONSTANT_KEYS = {"params", "optimizer_steps", "batch_size", "devices", "n_refere
                  "sample_batch_size", "num_modes", "likelihood_examples", "true_entropy_nats",
                  # floors depend on the data split only, not on the model's seed
                  "fid_floor", "kid_floor", "energy_distance_floor", "class_fid_floor", "class_kid_floor",
-                 "class_accuracy_real", "guidance", "n_quality_per_class"}
+                 "class_accuracy_real", "guidance", "n_quality_per_class",
+                 # real-vs-real nulls: properties of the data at the samples' n (shown as their mean)
+                 "energy_distance_null_mean", "energy_distance_null_std", "mmd_null_mean", "mmd_null_std",
+                 "ce_gap_nats_null_mean", "ce_gap_nats_null_std"}
 
 # (header, key, format) per dataset kind; a column is shown when any model has it.
 COMMON = (("params", "params", "{:,.0f}"), ("train s", "train_seconds", "{:.1f}"),
           ("examples/s", "examples_per_second", "{:,.0f}"), ("NFE/sample", "nfe_per_sample", "{:.0f}"),
           ("ms/sample", "ms_per_sample", "{:.3f}"))
-IMAGE_COLUMNS = COMMON + tuple((f"bits/dim ({KIND_LABEL[k]})", f"bpd_{k}", "{:.3f}") for k in LIKELIHOOD_KINDS) + (
+# Discrete data: the headline (the lowest upper bound on the discrete NLL, its label in the next column), the IW-K
+# values, then each likelihood at the split's one fixed dequantisation draw.
+IMAGE_COLUMNS = COMMON + (("bits/dim (discrete NLL, upper bound)", "bpd_discrete", "{:.3f}"),) + tuple(
+    (f"bits/dim IW-K ({KIND_LABEL[k]})", f"bpd_iw_{k}", "{:.3f}") for k in LIKELIHOOD_KINDS) + tuple(
+    (f"bits/dim 1 draw ({KIND_LABEL[k]})", f"bpd_{k}", "{:.3f}") for k in LIKELIHOOD_KINDS) + (
     ("FID", "fid", "{:.2f}"), ("FID floor", "fid_floor", "{:.2f}"), ("KID", "kid", "{:.3g}"),
     ("KID floor", "kid_floor", "{:.3g}"), ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"),
-    ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"),
+    ("FID, true draws", "fid_true_draws", "{:.2f}"), ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"),
     # class-conditional models only (the column appears when a model has the key)
     ("guidance w", "guidance", "{:g}"), ("class accuracy", "class_accuracy", "{:.3f}"),
     ("class accuracy (real)", "class_accuracy_real", "{:.3f}"), ("class FID", "class_fid", "{:.2f}"),
     ("class FID floor", "class_fid_floor", "{:.2f}"), ("class KID", "class_kid", "{:.3g}"))
 POINT_COLUMNS = COMMON + tuple((f"NLL gap, nats ({KIND_LABEL[k]})", f"nll_gap_{k}", "{:+.3f}")
                                for k in LIKELIHOOD_KINDS) + (
-    ("energy dist.", "energy_distance", "{:.4f}"), ("ED floor", "energy_distance_floor", "{:.4f}"),
-    ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"), ("modes hit", "modes_hit", "{:.1f}"),
+    ("CE gap, nats", "ce_gap_nats", "{:+.3f}"), ("CE gap, real", "ce_gap_nats_null_mean", "{:+.3f}"),
+    ("energy dist.", "energy_distance", "{:.4f}"), ("ED, real", "energy_distance_null_mean", "{:.4f}"),
+    ("ED, real sd", "energy_distance_null_std", "{:.4f}"), ("MMD²", "mmd", "{:.4f}"),
+    ("MMD², real sd", "mmd_null_std", "{:.4f}"), ("ED floor", "energy_distance_floor", "{:.4f}"),
+    ("precision", "precision", "{:.2f}"), ("recall", "recall", "{:.2f}"), ("modes hit", "modes_hit", "{:.0f}"),
     ("mode KL (nats)", "mode_kl", "{:.3f}"), ("posterior gap (nats)", "posterior_gap_nats", "{:.2f}"))
+
+
 def dataset_table(entries: Sequence[dict], image: bool) -> str:
     columns = [c for c in (IMAGE_COLUMNS if image else POINT_COLUMNS) if any(c[1] in e for e in entries)]
+    which = image and any("likelihood_label_discrete" in e for e in entries)
     header = ["model", "objective", "steps × batch", *[c[0] for c in columns], "weights"]
+    if which:  # what the headline bits/dim is, right after it
+        header.insert(header.index("bits/dim (discrete NLL, upper bound)") + 1, "which bound")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for entry in entries:
         cells = [entry["model"], entry.get("objective", "-"), _steps(entry)]
-        cells += [cell(entry, key, fmt) for _, key, fmt in columns]
+        for _, key, fmt in columns:
+            cells.append(cell(entry, key, fmt))
+            if which and key == "bpd_discrete":
+                cells.append(entry.get("likelihood_label_discrete", "-"))
         cells.append(entry.get("weights", "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _likelihood_label(entry: dict, kind: str) -> str:
+    """What ``nll_<kind>`` of this entry is: the evaluator's label where the run recorded one, else the kind's."""
+    return entry.get(f"likelihood_label_{kind}", KIND_LABEL[kind])
+
+
 def _likelihood_summary(entry: dict, image: bool) -> str:
-    parts = []
+    """Discrete data: the headline is ``bpd_discrete``, the lowest of the model's upper bounds on the discrete NLL
+    (so rows compare the same quantity), with its label; the model's other likelihoods follow, labelled. 2D data:
+    the NLL gap of every kind, labelled."""
+    parts, shown = [], set()
+    if image and "bpd_discrete" in entry:
+        parts.append(f"{cell(entry, 'bpd_discrete', '{:.2f}')} bits/dim "
+                     f"({entry.get('likelihood_label_discrete', 'upper bound on the discrete NLL')})")
+        shown.add(entry.get("likelihood_source_discrete"))
     for kind in LIKELIHOOD_KINDS:
         key = f"bpd_{kind}" if image else f"nll_gap_{kind}"
-        if key in entry:
+        if key in entry and key not in shown:
             unit = "bits/dim" if image else "nats gap"
-            parts.append(f"{cell(entry, key, '{:.2f}' if image else '{:+.3f}')} {unit} ({KIND_LABEL[kind]})")
+            parts.append(f"{cell(entry, key, '{:.2f}' if image else '{:+.3f}')} {unit} "
+                         f"({_likelihood_label(entry, kind)})")
     return "; ".join(parts) if parts else "none"
+
+
+def _null_note(entry: dict, key: str, fmt: str) -> str:
+    """``real: m ± sd`` (the real-vs-real null at the same n) and how many seeds lie within its noise."""
+    if f"{key}_null_mean" not in entry:
+        return ""
+    mean, sd = entry[f"{key}_null_mean"][0], entry[f"{key}_null_std"][0]
+    flags = entry.get("flags", {}).get(f"{key}_within_noise", [])
+    within = sum(flags)
+    verdict = ("within data noise" if flags and within == len(flags) else
+               f"{within} of {len(flags)} seeds within data noise" if within else "")
+    note = f"real: {fmt.replace('+', '').format(mean)} ± {fmt.replace('+', '').format(sd)}"
+    return f" ({note}{', ' + verdict if verdict else ''})"
+
+
+def _modes(entry: dict) -> str:
+    """Modes hit per seed, out of the dataset's own mode count."""
+    values = entry.get("per_seed", {}).get("modes_hit", [entry["modes_hit"][0]])
+    total = entry["num_modes"][0] if "num_modes" in entry else None
+    return f"{' / '.join(f'{v:.0f}' for v in values)} of {total:.0f} modes" if total else \
+        f"{' / '.join(f'{v:.0f}' for v in values)} modes"
 
 
 def _quality_summary(entry: dict, image: bool) -> str:
     if image:
         if "fid" not in entry:
             return "-"
-        return (f"FID {cell(entry, 'fid', '{:.1f}')} (floor {cell(entry, 'fid_floor', '{:.1f}', False)}), "
-                f"P/R {cell(entry, 'precision', '{:.2f}', False)}/{cell(entry, 'recall', '{:.2f}', False)}")
+        text = (f"FID {cell(entry, 'fid', '{:.1f}')} (floor {cell(entry, 'fid_floor', '{:.1f}', False)}), "
+                f"P {cell(entry, 'precision', '{:.2f}')}, R {cell(entry, 'recall', '{:.2f}')}")
+        if entry.get("sample_mode") == "mean":  # the VAE's decoder means: say so, and give its true draws too
+            text += " on decoder means"
+            if "fid_true_draws" in entry:
+                text += f"; true draws: FID {cell(entry, 'fid_true_draws', '{:.1f}')}"
+        return text
     if "energy_distance" not in entry:
         return "-"
-    text = f"ED {cell(entry, 'energy_distance', '{:.4f}')}"
+    parts = []
+    if "ce_gap_nats" in entry:  # precision-side: mass between the modes, what the scatter plots show
+        null = _null_note(entry, "ce_gap_nats", "{:+.2f}")
+        parts.append(f"CE gap {cell(entry, 'ce_gap_nats', '{:+.2f}')} nats{null}")
+    elif "off_support_fraction" in entry:
+        parts.append(f"off support {cell(entry, 'off_support_fraction', '{:.3f}')}")
+    parts.append(f"ED {cell(entry, 'energy_distance', '{:.4f}')}{_null_note(entry, 'energy_distance', '{:.4f}')}")
     if "modes_hit" in entry:
-        text += f", {cell(entry, 'modes_hit', '{:.0f}', False)}/8 modes"
-    return text
+        parts.append(_modes(entry))
+    return ", ".join(parts)
 
 
 def _limitation_summary(entry: dict, image: bool) -> str:
@@ -142,9 +235,11 @@ def _limitation_summary(entry: dict, image: bool) -> str:
     for nfe, key in sorted(variants.items()):  # other sampling settings (GenerativeModel.sampling_variants)
         parts.append(f"{'FID' if image else 'ED'} {cell(entry, key, digits)} at {nfe} NFE vs "
                      f"{cell(entry, quality, digits)} at {cell(entry, 'nfe_per_sample', '{:.0f}', False)}")
-    if quality in entry and len(entry["seeds"]) > 1:
-        mean, std = entry[quality]
-        parts.append(f"seed spread {100 * std / max(abs(mean), 1e-12):.0f}% of {'FID' if image else 'ED'}")
+    # The seed spread as a share of the value only where the metric's floor is far from zero (FID); an energy
+    # distance near zero makes any ratio meaningless, and its per-seed values and data noise are in the quality cell.
+    if image and "fid" in entry and len(entry["seeds"]) > 1:
+        mean, sd = entry["fid"]
+        parts.append(f"seed sd {sd:.1f} FID ({100 * sd / max(abs(mean), 1e-12):.0f}%)")
     if family in ("RealNVP", "Glow", "NSF") and not image and "nll_gap_exact" in entry:
         parts.append(f"NLL gap {cell(entry, 'nll_gap_exact', '{:+.3f}')} nats")
     return "; ".join(parts) if parts else "-"
