@@ -41,7 +41,9 @@ def _fit_error(capsys, *args: str) -> str:
 def test_unknown_model_lists_the_families_and_the_closest(tmp_path, capsys, given):
     message = _fit_error(capsys, "--config", TOY, *_dirs(tmp_path), "--model", given)
     listed = message.split("Choose a model family: ")[1].split(" (e.g.")[0].split(", ")
-    assert {"CNF", "Diffusion", "FlowMatching", "GAN", "Glow", "NSF", "RealNVP", "VAE", "TarFlow", "MeanFlow"} <= set(listed)
+    lecture_and_beyond = {"CNF", "Diffusion", "FlowMatching", "GAN", "Glow", "NSF", "RealNVP", "VAE", "TarFlow",
+                          "MeanFlow"}
+    assert lecture_and_beyond <= set(listed)
     assert listed == sorted(listed)
     assert "Did you mean 'FlowMatching'?" in message
 

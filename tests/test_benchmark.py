@@ -122,7 +122,7 @@ def test_2d_quality_prints_per_seed_values_beside_the_data_noise_and_no_ratio_to
     lecture = lecture_table(aggregate(rows), set())
     assert "ED 0.0010 / -0.0011 (real: 0.0000 ± 0.0010, within data noise)" in lecture
     assert "CE gap +0.40 / +0.01 nats (real: 0.00 ± 0.02, 1 of 2 seeds within data noise)" in lecture
-    assert "8 / 7 of 8 modes" in lecture and "%" not in lecture
+    assert "8 / 7 modes hit (of 8)" in lecture and "%" not in lecture
 
 
 def test_suite_runs_resumes_after_a_kill_and_reproduces_its_numbers(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@
     python experiments/benchmarks/evaluation_checks.py classifier  # fingerprints of the digits classifier per CPU ISA
     python experiments/benchmarks/evaluation_checks.py spread OUT  # quick digits runs in this process's threads/ISA
     python experiments/benchmarks/evaluation_checks.py toy RESULTS # a benchmark's 8-Gaussian runs: the 2D metrics
+    python experiments/benchmarks/evaluation_checks.py compare A B  # two benchmarks' results.json, run by run
 
 * ``floor``: a classifier trained (the shipped recipe) on a random half of the digits training split; the FID of
   500 digits it trained on and of 500 it never saw, each against the 180 test digits (why the floor's images are
@@ -22,6 +23,9 @@
 * ``toy``: from a benchmark's ``results.json`` (default ``outputs/benchmark/results.json``, what ``make benchmark``
   writes), every 8-Gaussian run's 2D metrics with their distance to the null in null stds, to set beside the
   montage (which models draw a ring).
+* ``compare``: two ``results.json`` of the same suite (e.g. ``--jobs 2`` against ``--jobs 1``: 1 against 2 torch
+  threads per run, or two machines): how many of the numbers shared by runs of equal key are identical, and per
+  metric the largest difference relative to the seed spread of the first (|a - b| / |seed 0 - seed 1|).
 * ``spread``: trains realnvp, vae and gan on digits at the quick budget (seed 0) and evaluates them with the suite's
   spec; run it at other thread counts (``--threads``) or ISAs and compare the JSON files.
 """
@@ -193,9 +197,44 @@ def toy_check(results: Path) -> dict:
     return rows
 
 
+COMPARED = ("bpd_discrete", "nll_gap_exact", "nll_gap_bound", "fid", "precision", "recall", "energy_distance",
+            "ce_gap_nats", "fid_floor", "energy_distance_null_mean")
+
+
+def compare_check(first: Path, second: Path) -> dict:
+    """Runs of equal key in both files: identical numbers, and the headline metrics' differences."""
+    def load(path: Path) -> dict:
+        return {(r["dataset"], r["model"], r["seed"]): r for r in json.loads(path.read_text())["runs"]}
+
+    a, b = load(first), load(second)
+    shared = [k for k in a if k in b and a[k].get("key") == b[k].get("key")]
+    numbers = identical = 0
+    worst: dict[str, dict] = {}
+    for run in shared:
+        for key, value in a[run].items():
+            other = b[run].get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(other, (int, float)):
+                continue
+            timing = key.endswith(("seconds", "per_second", "ms_per_sample", "finished_at"))
+            if timing or key in ("torch_threads", "seed"):
+                continue  # timings and settings differ by construction
+            numbers, identical = numbers + 1, identical + (value == other)
+            if key in COMPARED:
+                dataset, model, _ = run
+                seeds = [a.get((dataset, model, s), {}).get(key) for s in (0, 1)]
+                spread = abs(seeds[0] - seeds[1]) if None not in seeds else float("nan")
+                diff = abs(value - other)
+                name = f"{dataset}/{key}"
+                if diff > worst.get(name, {}).get("difference", -1.0):
+                    worst[name] = {"difference": diff, "run": f"{model}/seed{run[2]}", "seed_spread": spread,
+                                   "relative_to_seed_spread": diff / spread if spread else float("nan")}
+    return {"runs_compared": len(shared), "numbers": numbers, "identical": identical, "largest": worst}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=("floor", "ring", "iw", "hutchinson", "classifier", "spread", "toy"))
+    parser.add_argument("check", choices=("floor", "ring", "iw", "hutchinson", "classifier", "spread", "toy",
+                                                         "compare"))
     parser.add_argument("paths", nargs="*", help="checkpoints (iw, hutchinson), the output folder (spread) or a "
                                                   "benchmark's results.json (toy)")
     parser.add_argument("--threads", type=int, default=1)
@@ -210,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         result = hutchinson_check(opts.paths[0])
     elif opts.check == "classifier":
         result = classifier_check()
+    elif opts.check == "compare":
+        result = compare_check(Path(opts.paths[0]), Path(opts.paths[1]))
     elif opts.check == "toy":
         result = toy_check(Path(opts.paths[0] if opts.paths else "outputs/benchmark/results.json"))
     else:

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -59,9 +60,15 @@ How to read it:
 """
 
 
-def _env_line(suite, environment: dict) -> str:
+def _env_line(suite, environment: dict, rows: Sequence[dict]) -> str:
     packages = environment["packages"]
-    return (f"Produced by `lightning-flows benchmark --suite {suite.path}` on {describe_device()}, git "
+    # The threads each run trained and was evaluated with (a benchmark worker beside others gets fewer than the
+    # process that writes the report), as the runs recorded them.
+    threads = sorted({int(r["torch_threads"]) for r in rows if isinstance(r.get("torch_threads"), (int, float))})
+    device = describe_device()
+    if threads and not torch.cuda.is_available():
+        device = f"CPU ({os.cpu_count()} cores; each run {' or '.join(map(str, threads))} torch thread(s))"
+    return (f"Produced by `lightning-flows benchmark --suite {suite.path}` on {device}, git "
             f"{environment['git_commit'][:12]}, torch {packages['torch']}, lightning {packages['lightning']}.")
 
 
@@ -93,7 +100,7 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     entries = aggregate(rows)
     image_datasets = {d for d in suite.datasets if suite.datamodule(d).info.is_image}
     seeds = sorted({r["seed"] for r in rows})
-    parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment),
+    parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment, rows),
              f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); {spread_note(entries)}", ""]
     if suite.description:
         parts += [suite.description.strip(), ""]

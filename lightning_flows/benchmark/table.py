@@ -187,11 +187,10 @@ def _null_note(entry: dict, key: str, fmt: str) -> str:
 
 
 def _modes(entry: dict) -> str:
-    """Modes hit per seed, out of the dataset's own mode count."""
+    """Modes hit per seed, out of the dataset's own mode count: ``2 / 8 modes hit (of 8)``."""
     values = entry.get("per_seed", {}).get("modes_hit", [entry["modes_hit"][0]])
-    total = entry["num_modes"][0] if "num_modes" in entry else None
-    return f"{' / '.join(f'{v:.0f}' for v in values)} of {total:.0f} modes" if total else \
-        f"{' / '.join(f'{v:.0f}' for v in values)} modes"
+    total = f" (of {entry['num_modes'][0]:.0f})" if "num_modes" in entry else ""
+    return f"{' / '.join(f'{v:.0f}' for v in values)} modes hit{total}"
 
 
 def _quality_summary(entry: dict, image: bool) -> str:
