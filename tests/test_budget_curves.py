@@ -52,3 +52,35 @@ def test_the_standard_suite_dry_runs_all_seven_families_with_its_schedule(capsys
     rows = runner.dry_run(suite, Path("unused"), [])
     assert {r["family"] for r in rows} == {"VAE", "GAN", "RealNVP", "Glow", "CNF", "Diffusion", "FlowMatching"}
     assert "Suite 'standard'" in capsys.readouterr().out
+
+
+def test_a_schedule_changes_no_weight_and_its_last_point_is_the_final_evaluation(tmp_path):
+    """GAN (EMA, two optimizer steps a batch) and RealNVP: the same final weights and EMA with and without the
+    evaluations during training; the curve's steps, training seconds and last point are the run's own."""
+    evaluation = {"n_samples": 60, "sample_batch_size": 30, "max_likelihood_examples": 60, "progress": False,
+                  "kid_subsets": 5}
+    trainer = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False}
+    common = dict(models=["gan", "realnvp"], evaluation=evaluation, trainer=trainer)
+    runner.run_suite(_suite(tmp_path / "a", **common) if (tmp_path / "a").mkdir() is None else None,
+                     tmp_path / "plain", root=ROOT)
+    runner.run_suite(_suite(tmp_path / "b", evaluate_at=[0.5, 1.0], cheap_evaluate_at=[0.25], **common)
+                     if (tmp_path / "b").mkdir() is None else None, tmp_path / "curve", root=ROOT)
+    import json
+
+    import torch
+    for model in ("gan", "realnvp"):
+        slug = f"8gaussians__{model}__seed0"
+        a, b = (torch.load(tmp_path / out / "runs" / slug / "checkpoints" / "last.ckpt", weights_only=False)
+                for out in ("plain", "curve"))
+        for part in ("state_dict", "ema_state_dict"):
+            assert (part in a) == (part in b)
+            for name, value in a.get(part, {}).items():
+                assert torch.equal(value, b[part][name]), (model, part, name)
+        row = json.loads((tmp_path / "curve" / "runs" / slug / "result.json").read_text())
+        row = row.get("row", row)
+        curve = row["curve"]
+        assert [(p["step"], p["evaluation"]) for p in curve] == [(2, "cheap"), (4, "full"), (8, "full")]
+        assert curve[-1]["energy_distance"] == row["energy_distance"]
+        assert curve[-1]["train_seconds"] == row["train_seconds"]
+        assert all(p["train_seconds"] < q["train_seconds"] for p, q in zip(curve, curve[1:]))
+        assert {p["weights"] for p in curve} == {"ema" if model == "gan" else "training"}
