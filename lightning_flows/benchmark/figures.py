@@ -114,3 +114,36 @@ def montage(samples: dict[tuple[str, str], torch.Tensor], real: dict[str, torch.
                 ax.set_ylim(-5, 5)
                 ax.set_aspect("equal")
     return _save(fig, path)
+
+
+def budget_curves(rows: Sequence[dict], image_datasets: set[str], metric: str, path: Path) -> Path | None:
+    """``metric`` ("quality": FID / energy distance; "likelihood": bits/dim / NLL gap) against training steps
+    (left) and training seconds (right), one row per dataset, one line per model: the mean over seeds, with the
+    band from the lowest to the highest seed. None when no run has a curve of that number."""
+    from lightning_flows.benchmark.table import curve_series
+
+    datasets = sorted({r["dataset"] for r in rows if r.get("curve")})
+    panels = {d: curve_series([r for r in rows if r["dataset"] == d], d in image_datasets, metric) for d in datasets}
+    panels = {d: series for d, series in panels.items() if series}
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.0 * len(panels)), squeeze=False)
+    for (dataset, series), row in zip(panels.items(), axes):
+        for i, (model, entry) in enumerate(series.items()):
+            points = [(step, seconds, list(values.values())) for step, seconds, values
+                      in zip(entry["steps"], entry["seconds"], entry["values"]) if values]
+            if not points:
+                continue
+            for ax, x in zip(row, ([p[0] for p in points], [p[1] for p in points])):
+                mean = [sum(v) / len(v) for _, _, v in points]
+                ax.plot(x, mean, marker="o", color=f"C{i % 10}", label=f"{model} ({entry['key']})")
+                ax.fill_between(x, [min(v) for _, _, v in points], [max(v) for _, _, v in points],
+                                color=f"C{i % 10}", alpha=0.2, linewidth=0)
+        keys = sorted({entry["key"] for entry in series.values()})
+        for ax, xlabel in zip(row, ("training steps (per network)", "training seconds (no evaluation)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{', '.join(keys)} (lower is better)")
+            ax.set_title(f"{dataset}: {metric} against {xlabel.split(' (')[0]}")
+            ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -15,10 +15,11 @@ from typing import Sequence
 import torch
 
 from lightning_flows.benchmark.environment import describe_device
-from lightning_flows.benchmark.figures import bits_per_dim_bars, montage, quality_vs_cost
+from lightning_flows.benchmark.figures import bits_per_dim_bars, budget_curves, montage, quality_vs_cost
 from lightning_flows.benchmark.store import Store, atomic_write_bytes, atomic_write_text
 from lightning_flows.benchmark.suite import run_slug
-from lightning_flows.benchmark.table import aggregate, dataset_table, lecture_table, spread_note
+from lightning_flows.benchmark.table import (CURVE_METRICS, aggregate, curve_table, dataset_table, lecture_table,
+                                             spread_note)
 from lightning_flows.data import GenerativeDataModule
 from lightning_flows.evaluation import KEYS
 from lightning_flows.metrics.baselines import independent_pixel_bits_per_dim
@@ -124,6 +125,7 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
             detail = (f"{spec['n_samples']} samples against {first.get('n_reference', '-')} points of the "
                       f"{spec['reference_split']} split; NLL on {first.get('likelihood_examples', '-')} test points")
         parts += [f"## {dataset}", "", detail, "", dataset_table(members, dataset in image_datasets)]
+    parts += _budget_section(suite, rows, image_datasets)
     reasons = sorted({(e["model"], reason) for e in entries for reason in e.get("reasons") or []})
     if reasons:
         parts += ["## Deviations from the suite's recipe", ""] + [f"- `{m}`: {r}" for m, r in reasons] + [""]
@@ -143,6 +145,27 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
 
         log_suite_table(suite, entries, figures)
     return table
+
+
+BUDGET_GUIDE = ("Each run was also evaluated during training, by the same evaluator on the same weights, at the "
+                "steps below (the last is the final evaluation of the tables above; a point of the suite's "
+                "`cheap_evaluate_at` measures the likelihood, and on 2D data the sample metrics, but no FID). Each "
+                "cell: mean over seeds (each seed's value) at the mean training seconds there, which count no "
+                "evaluation. Figures: `budget_quality.png`, `budget_likelihood.png`.")
+
+
+def _budget_section(suite, rows: Sequence[dict], image_datasets: set[str]) -> list[str]:
+    """Quality and likelihood at every budget point of the runs that have a curve (nothing for other suites)."""
+    if not any(r.get("curve") for r in rows):
+        return []
+    parts = ["## Quality and likelihood against the training budget", "", BUDGET_GUIDE, ""]
+    for dataset in suite.datasets:
+        members = [r for r in rows if r["dataset"] == dataset and r.get("curve")]
+        for metric in CURVE_METRICS:
+            table = curve_table(members, dataset in image_datasets, metric)
+            if table:
+                parts += [f"### {dataset}: {metric}", "", table]
+    return parts
 
 
 def reference_likelihoods(dataset: str, dm: GenerativeDataModule | None = None) -> dict[str, float]:
@@ -166,6 +189,11 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
     bars = bits_per_dim_bars(entries, out / "bits_per_dim.png", baselines)
     if bars is not None:
         figures["bits/dim by model"] = bars
+    for metric in CURVE_METRICS:
+        if any(r.get("curve") for r in rows):
+            curves = budget_curves(rows, image_datasets, metric, out / f"budget_{metric}.png")
+            if curves is not None:
+                figures[f"{metric} against training steps and seconds"] = curves
     samples = {}
     for row in rows:
         path = Store(out).link(_slug(row)) / "samples.pt"

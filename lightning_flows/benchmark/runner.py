@@ -123,17 +123,27 @@ def _placement(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict[
     return {"trainer.default_root_dir": str(run_dir), "trainer.logger": json.dumps(spec)}
 
 
+def _measuring_callbacks(plan: RunPlan) -> list[str]:
+    """The training clock and, when the suite asks for a curve, the evaluations during training (after the clock
+    and any EMA callback, which EvaluationSchedule checks)."""
+    args = ["--trainer.callbacks+=lightning_flows.callbacks.TrainingTimer"]
+    full, cheap = plan.curve_steps()
+    if full or cheap:
+        schedule = {"class_path": "lightning_flows.callbacks.EvaluationSchedule",
+                    "init_args": {"steps": full, "cheap_steps": cheap, "spec": plan.evaluation.to_dict()}}
+        args.append(f"--trainer.callbacks+={json.dumps(schedule)}")
+    return args
+
+
 def run_arguments(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> list[str]:
     """The complete ``lightning-flows fit`` command line of one run, trained in ``run_dir``."""
-    return plan.fit_args({**_budget(plan), **_placement(plan, suite, run_dir, logger)}) + [
-        "--trainer.callbacks+=lightning_flows.callbacks.TrainingTimer"]
+    return plan.fit_args({**_budget(plan), **_placement(plan, suite, run_dir, logger)}) + _measuring_callbacks(plan)
 
 
 def reproduce_command(plan: RunPlan) -> str:
     """The command that trains this run by hand: the benchmark's, less its placement, so that it writes a new
     ``runs/<experiment>/version_N`` like any ``lightning-flows fit`` and never into the benchmark's directory."""
-    args = plan.fit_args(_budget(plan)) + ["--trainer.callbacks+=lightning_flows.callbacks.TrainingTimer"]
-    return "lightning-flows " + shlex.join(args)
+    return "lightning-flows " + shlex.join(plan.fit_args(_budget(plan)) + _measuring_callbacks(plan))
 
 
 # --- one run ---------------------------------------------------------------------------------------------
@@ -166,7 +176,8 @@ def _stopped_by_signal(trainer) -> bool:
 def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | None:
     """Train and evaluate one run with every file in ``run_dir``; on rank zero, write ``samples.pt`` and
     ``samples.png`` there and return the result row (None elsewhere). Nothing is committed here."""
-    from lightning_flows.callbacks import TrainingTimer
+    from lightning_flows.callbacks import EvaluationSchedule, TrainingTimer
+    from lightning_flows.callbacks.evaluation import curve_point
 
     args = run_arguments(plan, suite, run_dir, logger)
     # The key of what this run trains, taken as it starts: a config edited while it trains must not make
@@ -198,6 +209,13 @@ def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | N
            **result, "reasons": plan.reasons, "evaluation": plan.evaluation.to_dict(),
            "extra_arguments": list(plan.extra), "command": reproduce_command(plan), "attempt": run_dir.name,
            "threads": torch.get_num_threads()}
+    if plan.evaluate_at or plan.cheap_evaluate_at:
+        schedule = next((c for c in trainer.callbacks if isinstance(c, EvaluationSchedule)), None)
+        points = schedule.points if schedule is not None else []  # none when the schedule is only 100%
+        # The last point is the final evaluation itself (at 100%, never evaluated twice).
+        row["curve"] = sorted(points, key=lambda p: p["step"]) + [
+            curve_point(result, plan.steps, timer.seconds)]
+        row["evaluate_at"], row["cheap_evaluate_at"] = list(plan.evaluate_at), list(plan.cheap_evaluate_at)
     samples = evaluator.last_samples
     if samples is not None:
         kept = _kept_samples(samples)

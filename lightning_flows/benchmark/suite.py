@@ -13,6 +13,12 @@ them, seeds, and the evaluation settings. Loaded from YAML (``experiments/suites
       - {model: gan, reason: "...", args: {model.init_args.lr_g: 2.0e-4}}
     evaluation: {n_samples: 2000, sample_batch_size: 500}   # EvaluationSpec fields
     trainer: {check_val_every_n_epoch: 1000}               # run settings that do not change the model
+    evaluate_at: [0.1, 0.3, 1.0]        # optional (also per dataset): evaluate at these fractions of the steps
+    cheap_evaluate_at: [0.05, 0.2]      # optional: and the cheap numbers only (likelihood; 2D: energy distance)
+
+With ``evaluate_at`` each run's result gets a ``curve``: one point per fraction (step, training seconds and every
+number; the last point, at 100%, is the final evaluation itself), which the report draws against training steps
+and seconds.
 
 ``steps`` is the number of optimizer steps *per network* at ``batch_size``: a GAN, which steps its
 discriminator and generator once each per batch, trains for ``steps`` batches (``2 * steps`` in
@@ -35,8 +41,9 @@ from lightning_flows.data.cache import slug
 from lightning_flows.evaluation import EvaluationSpec
 
 SUITE_KEYS = {"name", "description", "seeds", "models", "datasets", "recipe", "overrides", "evaluation", "trainer",
-              "expected_wall_time"}
-DATASET_KEYS = {"configs", "steps", "batch_size", "evaluation", "recipe", "models", "data"}
+              "expected_wall_time", "evaluate_at", "cheap_evaluate_at"}
+DATASET_KEYS = {"configs", "steps", "batch_size", "evaluation", "recipe", "models", "data", "evaluate_at",
+                "cheap_evaluate_at"}
 
 
 # Evaluation settings that cannot change a number (so they are not part of a run's key).
@@ -74,6 +81,8 @@ class RunPlan:
     evaluation: EvaluationSpec
     reasons: list[str] = field(default_factory=list)  # why this model deviates from the suite recipe
     extra: tuple[str, ...] = ()  # fit arguments given to `lightning-flows benchmark` itself, appended last
+    evaluate_at: tuple[float, ...] = ()  # fractions of `steps` at which to evaluate (the curve); () none
+    cheap_evaluate_at: tuple[float, ...] = ()  # and the cheap numbers only
 
     @property
     def name(self) -> str:
@@ -104,7 +113,19 @@ class RunPlan:
         counted = arguments_that_count(self.extra)
         if counted:  # absent otherwise, so that the keys of runs without extra arguments stay what they were
             payload["extra"] = counted
+        if self.evaluate_at or self.cheap_evaluate_at:  # likewise: a suite without a schedule keeps its keys
+            payload["evaluate_at"] = list(self.evaluate_at)
+            payload["cheap_evaluate_at"] = list(self.cheap_evaluate_at)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def curve_steps(self) -> tuple[list[int], list[int]]:
+        """The steps of the intermediate evaluations (full, cheap): every fraction below 1 as a step (at least 1,
+        rounded); 100% is the final evaluation. A cheap step that is also a full one is evaluated in full."""
+        def steps(fractions) -> list[int]:
+            return sorted({max(1, round(f * self.steps)) for f in fractions} - {self.steps})
+
+        full = steps(self.evaluate_at)
+        return full, [s for s in steps(self.cheap_evaluate_at) if s not in full]
 
 
 def arguments_that_count(extra: list[str] | tuple[str, ...]) -> list[str]:
@@ -184,6 +205,21 @@ def _seeds(path: Path, value: object) -> list[int]:
             or len(set(value)) != len(value):
         raise _wrong(path, "seeds", "a non-empty list of distinct whole numbers", value, "seeds: [0, 1]")
     return value
+
+
+def _fractions(path: Path, key: str, value: object) -> tuple[float, ...]:
+    """A schedule: a non-empty, strictly increasing list of fractions of the steps in (0, 1]."""
+    example = f"{key.rsplit('.', 1)[-1]}: [0.1, 0.3, 1.0]"
+    if not isinstance(value, list) or not value or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                                           for f in value):
+        raise _wrong(path, key, "a non-empty list of fractions of the steps", value, example)
+    if not all(0 < f <= 1 for f in value):
+        raise SuiteError(f"{path}: '{key}' holds fractions of the steps, each in (0, 1] (1.0 = the final "
+                         f"evaluation), got {value!r}. Write it as, e.g., `{example}`.")
+    if any(b <= a for a, b in zip(value, value[1:])):
+        raise SuiteError(f"{path}: '{key}' must be sorted in increasing order without repeats, got {value!r}. "
+                         f"Write it as, e.g., `{example}`.")
+    return tuple(float(f) for f in value)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -285,6 +321,11 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
         dataset_recipe = _mapping(path, f"{where}.recipe", settings.get("recipe"), "recipe: {trainer.precision: 32}")
         data = _mapping(path, f"{where}.data", settings.get("data"), "data: {num_workers: 0}")
         data_arguments[dataset] = dict(data)
+        schedules = {}
+        for key in ("evaluate_at", "cheap_evaluate_at"):
+            value = settings.get(key, raw.get(key))
+            schedules[key] = () if value is None else _fractions(path, f"{where}.{key}" if key in settings else key,
+                                                                 value)
         dataset_models = _names(path, f"{where}.models", settings["models"], "models: [vae, glow]") \
             if "models" in settings else models
         for model in dataset_models:
@@ -308,7 +349,8 @@ def load_suite(path: str | Path, root: str | Path = ".") -> Suite:
             args.update({f"data.{k}": v for k, v in data.items()})
             args.update({"data.dataset": dataset, "data.batch_size": batch_size})
             for seed in seeds:
-                runs.append(RunPlan(model, dataset, seed, config, steps, batch_size, dict(args), spec, reasons))
+                runs.append(RunPlan(model, dataset, seed, config, steps, batch_size, dict(args), spec, reasons,
+                                    **schedules))
     return Suite(name=raw["name"], path=path, seeds=seeds, models=list(models), datasets=list(datasets),
                  runs=runs, description=description,
                  expected_wall_time=_mapping(path, "expected_wall_time", raw.get("expected_wall_time"),

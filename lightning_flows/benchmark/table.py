@@ -282,3 +282,70 @@ def format_plan(suite, plan_rows: Sequence[dict], extra: Sequence[str]) -> str:
     if suite.expected_wall_time:
         lines += ["", "Expected wall time: " + "; ".join(f"{k}: {v}" for k, v in suite.expected_wall_time.items())]
     return "\n".join(lines)
+
+
+# --- quality and likelihood against the training budget (suites with `evaluate_at`) ---------------------------
+
+CURVE_METRICS = ("quality", "likelihood")
+
+
+def curve_key(points: Sequence[dict], image: bool, metric: str) -> str | None:
+    """The number a curve of ``metric`` draws, read off a run's final point: quality is FID (images) or energy
+    distance (2D); likelihood is bits/dim (images: the best upper bound on the discrete NLL where the evaluator
+    chose one, else the first kind) or the NLL gap to the true entropy (2D)."""
+    final = points[-1] if points else {}
+    if metric == "quality":
+        candidates = ["fid" if image else "energy_distance"]
+    elif image:
+        candidates = ["bpd_discrete"] + [f"bpd_{kind}" for kind in LIKELIHOOD_KINDS]
+    else:
+        candidates = [f"nll_gap_{kind}" for kind in LIKELIHOOD_KINDS]
+    return next((key for key in candidates if key in final), None)
+
+
+def curve_series(rows: Sequence[dict], image: bool, metric: str) -> dict[str, dict]:
+    """Per model of ``rows`` (one dataset) with curves: ``{model: {"key", "steps", "seconds", "values"}}``, where
+    ``steps[i]`` is a budget point, ``seconds[i]`` the mean training seconds there over seeds and ``values[i]``
+    ``{seed: value}`` (seeds evaluated at that point only: a cheap point has no FID)."""
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("curve"):
+            by_model[row["model"]].append(row)
+    series = {}
+    for model, members in by_model.items():
+        key = curve_key(members[0]["curve"], image, metric)
+        if key is None:
+            continue
+        steps = sorted({p["step"] for r in members for p in r["curve"]})
+        seconds, values = [], []
+        for step in steps:
+            at = {r["seed"]: p for r in members for p in r["curve"] if p["step"] == step}
+            times = [p["train_seconds"] for p in at.values() if _is_number(p.get("train_seconds"))]
+            seconds.append(sum(times) / len(times) if times else math.nan)
+            values.append({seed: p[key] for seed, p in sorted(at.items()) if _is_number(p.get(key))})
+        series[model] = {"key": key, "steps": steps, "seconds": seconds, "values": values}
+    return series
+
+
+def curve_table(rows: Sequence[dict], image: bool, metric: str) -> str:
+    """Markdown: one row per model, one column per budget point (step and mean training seconds), each cell the
+    mean over seeds and the per-seed values; empty when no run has a curve of ``metric``."""
+    series = curve_series(rows, image, metric)
+    if not series:
+        return ""
+    steps = sorted({s for entry in series.values() for s in entry["steps"]})
+    header = "| model | number | " + " | ".join(f"step {s}" for s in steps) + " |"
+    lines = [header, "|" + "---|" * (len(steps) + 2)]
+    for model, entry in series.items():
+        cells = []
+        for step in steps:
+            if step not in entry["steps"] or not entry["values"][entry["steps"].index(step)]:
+                cells.append("-")
+                continue
+            i = entry["steps"].index(step)
+            values = list(entry["values"][i].values())
+            mean = sum(values) / len(values)
+            per_seed = " / ".join(f"{v:.3f}" for v in values)
+            cells.append(f"{mean:.3f} ({per_seed}) at {entry['seconds'][i]:.3g} s")
+        lines.append(f"| {model} | {entry['key']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

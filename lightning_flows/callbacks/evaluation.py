@@ -13,11 +13,18 @@ callback with a narrower spec, kept for configs that want one kind of number on 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
+from contextlib import contextmanager
 
 import lightning as L
+import numpy as np
+import torch
 
-from lightning_flows.evaluation import EvaluationSpec, Evaluator, metric_names, weights_in_use
+from lightning_flows.callbacks.ema import EMACallback
+from lightning_flows.callbacks.training_timer import TrainingTimer
+from lightning_flows.evaluation import EvaluationSpec, Evaluator, metric_names, sampling_weights, weights_in_use
 
 
 DEFAULT_SPEC = EvaluationSpec()  # never mutated: each callback keeps its own Evaluator
@@ -131,3 +138,89 @@ class SamplingCostCallback(EvaluationCallback):
         spec = EvaluationSpec(n_samples=max(2, n), sample_batch_size=chunk_size, seed=seed, likelihood=False,
                               quality=False, timing=True, extras=False, progress=False)
         super().__init__(spec, every_n_epochs=every_n_epochs)
+
+
+class EvaluationSchedule(L.Callback):
+    """Evaluate with ``spec`` at given optimizer steps of a run (per network, the benchmark's ``steps``), for the
+    benchmark's quality-against-budget curves; the points land in ``points``.
+
+    The numbers come from the one :class:`Evaluator`, on the weights ``lightning-flows sample`` would use (the
+    EMA average when the run keeps one, swapped in and back out), and the training state is restored exactly
+    afterwards: random generators (torch, CUDA, numpy, Python), train mode and weights, so a run with a schedule
+    trains the same weights as one without. Each point's ``train_seconds`` is the run's :class:`TrainingTimer`
+    at that step, which counts no evaluation. A collective under DDP: every rank evaluates at the same step.
+
+    Args:
+        steps: optimizer steps per network after which to evaluate with ``spec`` (a GAN's ``global_step`` is
+            twice that).
+        spec: what to measure (:class:`EvaluationSpec` fields).
+        cheap_steps: further steps at which only the cheap numbers are measured (:func:`cheap_spec`).
+    """
+
+    def __init__(self, steps: list[int], spec: dict | None = None, cheap_steps: list[int] | None = None):
+        super().__init__()
+        cheap_steps = [s for s in (cheap_steps or []) if s not in steps]
+        if any(not isinstance(s, int) or s < 1 for s in [*steps, *cheap_steps]):
+            raise ValueError(f"EvaluationSchedule steps must be whole numbers >= 1, got {steps} and {cheap_steps}.")
+        self.spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
+        self.schedule = {**{s: "cheap" for s in cheap_steps}, **{s: "full" for s in steps}}
+        self._evaluators: dict[str, Evaluator] = {}
+        self.points: list[dict] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        position = trainer.callbacks.index(self)
+        late = [type(c).__name__ for c in trainer.callbacks[position + 1:]
+                if isinstance(c, (EMACallback, TrainingTimer))]
+        if late:
+            raise ValueError(f"EvaluationSchedule must come after {', '.join(late)} in the callbacks, so that it "
+                             f"evaluates the step's EMA average and its points count no evaluation as training.")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step // pl_module.optimizer_steps_per_batch
+        if step in self.schedule and step not in {p["step"] for p in self.points}:
+            self.points.append(self.evaluate(trainer, pl_module, step))
+
+    def evaluate(self, trainer: L.Trainer, pl_module, step: int) -> dict:
+        kind = self.schedule[step]
+        if kind not in self._evaluators:  # each keeps its feature extractor and reference features between points
+            image = len(trainer.datamodule.data_shape) == 3
+            self._evaluators[kind] = Evaluator(self.spec if kind == "full" else cheap_spec(self.spec, image))
+        timer = next((c for c in trainer.callbacks if isinstance(c, TrainingTimer)), None)
+        with preserved_random_state(pl_module.device), sampling_weights(trainer, pl_module) as weights:
+            result = self._evaluators[kind].evaluate(pl_module, trainer.datamodule, weights=weights)
+        return curve_point(result, step, timer.seconds if timer is not None else None, kind)
+
+    def state_dict(self) -> dict:
+        return {"points": self.points}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points = list(state_dict.get("points", []))
+
+
+def cheap_spec(spec: EvaluationSpec, image: bool) -> EvaluationSpec:
+    """The cheap numbers of ``spec``: the likelihood, plus on 2D data the sample metrics (energy distance, ...),
+    which cost little there; no FID (images), no timing, no family extras, no extra sample sets."""
+    return dataclasses.replace(spec, quality=spec.quality and not image, timing=False, extras=False,
+                               sampling_std_draws=0, straightness_paths=0)
+
+
+def curve_point(result: dict, step: int, train_seconds: float | None, evaluation: str = "full") -> dict:
+    """One point of a run's curve: its step, training seconds and every number of ``result`` a logger records."""
+    return {"step": step, "train_seconds": train_seconds, "evaluation": evaluation, "weights": result.get("weights"),
+            **{key: float(result[key]) for key in metric_names(result)}}
+
+
+@contextmanager
+def preserved_random_state(device: torch.device):
+    """Restore torch's (CPU and, on a GPU, ``device``'s), numpy's and Python's random state on exit."""
+    cuda = device.type == "cuda"
+    cpu, on_device = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state(on_device, device)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
