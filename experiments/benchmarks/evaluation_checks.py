@@ -216,7 +216,7 @@ def compare_check(first: Path, second: Path) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(other, (int, float)):
                 continue
             timing = key.endswith(("seconds", "per_second", "ms_per_sample", "finished_at"))
-            if timing or key in ("torch_threads", "seed"):
+            if timing or key in ("torch_threads", "threads", "seed"):
                 continue  # timings and settings differ by construction
             numbers, identical = numbers + 1, identical + (value == other)
             if key in COMPARED:
