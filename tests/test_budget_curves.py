@@ -84,3 +84,68 @@ def test_a_schedule_changes_no_weight_and_its_last_point_is_the_final_evaluation
         assert curve[-1]["train_seconds"] == row["train_seconds"]
         assert all(p["train_seconds"] < q["train_seconds"] for p, q in zip(curve, curve[1:]))
         assert {p["weights"] for p in curve} == {"ema" if model == "gan" else "training"}
+
+
+# Not numbers of the model: the clocks, and the threads of the process that measured.
+NOT_COMPARED = ("ms_per_sample", "torch_threads")
+
+
+def _measured(point: dict) -> dict:
+    return {k: v for k, v in point.items()
+            if k not in NOT_COMPARED and not k.endswith("_seconds") and k not in ("step", "evaluation", "weights")}
+
+
+@pytest.mark.timeout(420)
+def test_a_curve_under_ddp_is_the_single_process_evaluation_of_the_same_weights(tmp_path):
+    """2 gloo CPU ranks (`lightning-flows benchmark ... --trainer.devices 2 --trainer.strategy ddp`), GAN (EMA, two
+    optimizer steps a batch) and RealNVP (exact likelihood): every point of each curve, the cheap one at 25%, the
+    full one at 50% and the final evaluation, equals the evaluation in this one process of the weights checkpointed
+    at that step (the EMA weights when kept), and both ranks computed the same points."""
+    import json
+
+    from subprocess_runs import cli, python_env
+    from subprocess_runs import run as run_process
+
+    from lightning_flows.callbacks.evaluation import cheap_spec, curve_point
+    from lightning_flows.checkpoints import load_model_and_data
+    from lightning_flows.evaluation import Evaluator
+
+    evaluation = {"n_samples": 60, "sample_batch_size": 30, "max_likelihood_examples": 60, "progress": False,
+                  "null_draws": 2, "sampling_std_draws": 1}
+    trainer = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+               "enable_model_summary": False}
+    suite = _suite(tmp_path, models=["gan", "realnvp"], evaluation=evaluation, trainer=trainer,
+                   evaluate_at=[0.5, 1.0], cheap_evaluate_at=[0.25])
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    recorder = json.dumps({"class_path": "curve_probe.RecordCurve", "init_args": {"directory": str(probe)}})
+    done = run_process(cli("benchmark", "--suite", str(suite), "--out", str(out), "--trainer.accelerator", "cpu",
+                           "--trainer.devices", "2", "--trainer.strategy", "ddp", f"--trainer.callbacks+={recorder}"),
+                       timeout=360, env=python_env(), cwd=ROOT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    plans = {p.model: p for p in load_suite(suite, ROOT).runs}
+    for model, family in (("gan", "GAN"), ("realnvp", "RealNVP")):
+        run_dir = out / "runs" / f"8gaussians__{model}__seed0"
+        row = json.loads((run_dir / "result.json").read_text())
+        row = row.get("row", row)
+        curve = row["curve"]
+        assert row["devices"] == 2
+        assert [(p["step"], p["evaluation"]) for p in curve] == [(2, "cheap"), (4, "full"), (8, "full")]
+        assert {p["weights"] for p in curve} == {"ema" if model == "gan" else "training"}
+        assert len({p["energy_distance"] for p in curve}) == 3  # three different weights were evaluated
+        # Every rank evaluated at the same steps and holds the same (all-gathered) numbers as rank zero's curve.
+        ranks = [json.loads((probe / f"{family}_rank{r}.json").read_text()) for r in range(2)]
+        assert [r["world"] for r in ranks] == [2, 2]
+        for points in (r["points"] for r in ranks):
+            assert [_measured(p) for p in points] == [_measured(p) for p in curve[:-1]], model
+        checkpoints = [probe / f"{family}_step2.ckpt", probe / f"{family}_step4.ckpt",
+                       run_dir / "checkpoints" / "last.ckpt"]
+        for point, checkpoint in zip(curve, checkpoints):
+            net, datamodule = load_model_and_data(checkpoint)
+            spec = plans[model].evaluation
+            spec = cheap_spec(spec, image=False) if point["evaluation"] == "cheap" else spec
+            single = curve_point(Evaluator(spec).evaluate(net, datamodule, run_seed=0), point["step"], None)
+            single = _measured(single)
+            assert set(single) == set(_measured(point)), (model, point["step"])
+            for key, value in _measured(point).items():
+                assert value == pytest.approx(single[key], rel=1e-6, abs=1e-12), (model, point["step"], key)
