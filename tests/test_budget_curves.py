@@ -3,13 +3,20 @@ the standard suite's dry run."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from lightning_flows.benchmark import runner
 from lightning_flows.benchmark.suite import SuiteError, load_suite
+from lightning_flows.callbacks import EMACallback, EvaluationSchedule, TrainingTimer
+from lightning_flows.data import GenerativeDataModule
+from lightning_flows.evaluation import Evaluator
+from lightning_flows.models import FlowMatching
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"name": "tiny", "seeds": [0], "models": ["realnvp"],
@@ -149,3 +156,54 @@ def test_a_curve_under_ddp_is_the_single_process_evaluation_of_the_same_weights(
             assert set(single) == set(_measured(point)), (model, point["step"])
             for key, value in _measured(point).items():
                 assert value == pytest.approx(single[key], rel=1e-6, abs=1e-12), (model, point["step"], key)
+
+
+def _tiny_fit(callbacks: list, max_steps: int = 4) -> L.Trainer:
+    """A tiny flow-matching fit on 8 Gaussians with ``callbacks`` (no validation, no checkpoint); the trainer is
+    kept in ``_tiny_fit.trainer`` also when the fit raises."""
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    _tiny_fit.trainer = trainer
+    trainer.fit(FlowMatching(data_shape=(2,), hidden=8, depth=1),
+                datamodule=GenerativeDataModule("8gaussians", batch_size=64))
+    return trainer
+
+
+@pytest.mark.parametrize("late", [["EMACallback"], ["TrainingTimer"], ["EMACallback", "TrainingTimer"]])
+def test_a_schedule_before_the_ema_or_the_clock_refuses_to_start(late):
+    """Before EMACallback it would evaluate the average of the previous step, before TrainingTimer its evaluations
+    would count as training: the fit stops before its first step, naming the callbacks to move."""
+    made = {"EMACallback": lambda: EMACallback(decay=0.9), "TrainingTimer": TrainingTimer}
+    early = [made[name]() for name in made if name not in late]
+    with pytest.raises(ValueError, match=r"EvaluationSchedule must come after " + ", ".join(late) + " in the "):
+        _tiny_fit([*early, EvaluationSchedule(steps=[1]), *(made[name]() for name in late)])
+    assert _tiny_fit.trainer.global_step == 0
+    spec = {"n_samples": 20, "likelihood": False, "timing": False, "null_draws": 2, "progress": False}
+    schedule = EvaluationSchedule(steps=[1], spec=spec)
+    trainer = _tiny_fit([EMACallback(decay=0.9), TrainingTimer(), schedule], max_steps=1)
+    assert trainer.global_step == 1 and [p["weights"] for p in schedule.points] == ["ema"]
+
+
+def test_evaluations_during_training_are_not_training_seconds(monkeypatch):
+    """Each evaluation of the schedule takes 1 s here: the fit's wall time holds both, its training clock (the
+    row's train_seconds) and every point's train_seconds neither."""
+    seconds = 1.0
+    evaluated: list[float] = []
+
+    def slow_evaluation(self, model, datamodule, weights="training", **kwargs):
+        time.sleep(seconds)
+        evaluated.append(seconds)
+        return {"weights": weights, "energy_distance": 0.0}
+
+    monkeypatch.setattr(Evaluator, "evaluate", slow_evaluation)
+    timer, schedule = TrainingTimer(), EvaluationSchedule(steps=[2], cheap_steps=[1], spec={"progress": False})
+    start = time.perf_counter()
+    trainer = _tiny_fit([timer, schedule], max_steps=3)
+    wall = time.perf_counter() - start
+    assert trainer.global_step == 3 and len(evaluated) == 2 and timer.batches == 3
+    assert [(p["step"], p["evaluation"]) for p in schedule.points] == [(1, "cheap"), (2, "full")]
+    assert wall >= timer.seconds + sum(evaluated)  # the evaluations happened during the fit, outside the clock
+    # Three steps of a 2D flow with 8 hidden units take milliseconds, far from the 1 s of one evaluation.
+    assert 0 < schedule.points[0]["train_seconds"] < schedule.points[1]["train_seconds"] < timer.seconds < seconds
