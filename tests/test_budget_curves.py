@@ -122,7 +122,8 @@ def test_a_curve_under_ddp_is_the_single_process_evaluation_of_the_same_weights(
                   "null_draws": 2, "sampling_std_draws": 1}
     trainer = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                "enable_model_summary": False}
-    suite = _suite(tmp_path, models=["gan", "realnvp"], evaluation=evaluation, trainer=trainer,
+    datasets = {"8gaussians": {**TINY["datasets"]["8gaussians"], "steps": 4}}  # evaluated at 1, 2 and 4
+    suite = _suite(tmp_path, models=["gan", "realnvp"], datasets=datasets, evaluation=evaluation, trainer=trainer,
                    evaluate_at=[0.5, 1.0], cheap_evaluate_at=[0.25])
     probe, out = tmp_path / "probe", tmp_path / "out"
     recorder = json.dumps({"class_path": "curve_probe.RecordCurve", "init_args": {"directory": str(probe)}})
@@ -138,7 +139,7 @@ def test_a_curve_under_ddp_is_the_single_process_evaluation_of_the_same_weights(
         row = row.get("row", row)
         curve = row["curve"]
         assert row["devices"] == 2
-        assert [(p["step"], p["evaluation"]) for p in curve] == [(2, "cheap"), (4, "full"), (8, "full")]
+        assert [(p["step"], p["evaluation"]) for p in curve] == [(1, "cheap"), (2, "full"), (4, "full")]
         assert {p["weights"] for p in curve} == {"ema" if model == "gan" else "training"}
         assert len({p["energy_distance"] for p in curve}) == 3  # three different weights were evaluated
         # Every rank evaluated at the same steps and holds the same (all-gathered) numbers as rank zero's curve.
@@ -146,7 +147,7 @@ def test_a_curve_under_ddp_is_the_single_process_evaluation_of_the_same_weights(
         assert [r["world"] for r in ranks] == [2, 2]
         for points in (r["points"] for r in ranks):
             assert [_measured(p) for p in points] == [_measured(p) for p in curve[:-1]], model
-        checkpoints = [probe / f"{family}_step2.ckpt", probe / f"{family}_step4.ckpt",
+        checkpoints = [probe / f"{family}_step1.ckpt", probe / f"{family}_step2.ckpt",
                        run_dir / "checkpoints" / "last.ckpt"]
         for point, checkpoint in zip(curve, checkpoints):
             net, datamodule = load_model_and_data(checkpoint)
