@@ -227,18 +227,20 @@ def _table_after(text: str, start: str, end: str) -> list[str]:
     return [line for line in block.splitlines() if line.startswith("|")]
 
 
-def test_readme_quick_table_is_the_committed_snapshots():
-    """The README's headline table is what `make benchmark` wrote into experiments/results/quick/table.md
-    (pasted between markers); a rerun of the snapshot without the README, or the other way round, fails here."""
+@pytest.mark.parametrize("suite_name", ["quick", "standard"])
+def test_readme_tables_are_the_committed_snapshots(suite_name):
+    """The README's quick and standard tables are what `lightning-flows benchmark` wrote into
+    experiments/results/<suite>/table.md (pasted between markers); a rerun of the snapshot without the README, or
+    the other way round, or a config changed since, fails here."""
     readme = (ROOT / "README.md").read_text()
-    snapshot = (ROOT / "experiments" / "results" / "quick" / "table.md").read_text()
-    pasted = _table_after(readme, "<!-- quick-table:start -->", "<!-- quick-table:end -->")
+    snapshot = (ROOT / "experiments" / "results" / suite_name / "table.md").read_text()
+    pasted = _table_after(readme, f"<!-- {suite_name}-table:start -->", f"<!-- {suite_name}-table:end -->")
     written = _table_after(snapshot, "## The lecture's comparison, measured", "\n## ")
     assert pasted and pasted == written
-    results = json.loads((ROOT / "experiments" / "results" / "quick" / "results.json").read_text())
-    suite = load_suite(ROOT / "experiments" / "suites" / "quick.yaml", ROOT)
+    results = json.loads((ROOT / "experiments" / "results" / suite_name / "results.json").read_text())
+    suite = load_suite(ROOT / "experiments" / "suites" / f"{suite_name}.yaml", ROOT)
     assert {run.key() for run in suite.runs} == {row["key"] for row in results["runs"]}, \
-        "the snapshot was not produced by the committed quick suite and configs: rerun make benchmark and copy it"
+        f"the snapshot was not produced by the committed {suite_name} suite and configs: rerun it and copy it"
 
 
 # --- issue 19: bad suite files, extra arguments in the key, a failed rerun -----------------------------------
