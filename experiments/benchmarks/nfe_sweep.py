@@ -1,4 +1,4 @@
-"""Flow matching: sample quality vs NFE for the independent, minibatch-OT and reflow couplings.
+"""Flow matching: sample quality vs NFE for the independent, minibatch-OT and reflow couplings, and MeanFlow.
 
     python experiments/benchmarks/nfe_sweep.py                      # the committed table (CPU)
     python experiments/benchmarks/nfe_sweep.py --tiny --out /tmp/nfe  # seconds: every stage, a few steps
@@ -9,13 +9,17 @@ config with explicit overrides, all printed and written into the table:
 * toy densities (``8gaussians``, ``checkerboard``): ``experiments/toy2d/flow_matching.yaml`` (independent),
   ``flow_matching_ot.yaml`` (OT), ``flow_matching_reflow.yaml`` (reflow, teacher = the independent run);
 * 8x8 digits: ``experiments/digits/flow_matching.yaml`` with the coupling switched by
-  ``--model.init_args.coupling ot|reflow`` (reflow's teacher = the independent digits run).
+  ``--model.init_args.coupling ot|reflow`` (reflow's teacher = the independent digits run);
+* MeanFlow (one-step flow matching without a teacher, issue 23): ``experiments/{toy2d,digits}/meanflow.yaml``.
 
 Each model is then sampled with Euler at k steps (NFE = k, the primary axis) and with midpoint at k / 2
-steps (a second-order sampler at the same NFE), for k in {1, 2, 4, 8, 16, 32, 100}, and every number comes
+steps (a second-order sampler at the same NFE), for k in {1, 2, 4, 8, 16, 32, 100}; MeanFlow takes k jumps of
+its average velocity u(z, r, t) on a uniform grid (NFE = k; ``lightning_flows.models.meanflow.sampling_steps``,
+the knob ``lightning-flows sample`` turns with ``sampling.steps``). Every number comes
 from the shared evaluator (``lightning_flows.evaluation``): energy distance to held-out points beside the
 real-vs-real floor (toy), FID / KID with classifier features beside their floors (digits), NFE per sample,
-and the straightness of the sampling ODE's paths. Training steps/s of every coupling are measured with the
+and the straightness of the sampling ODE's paths (not MeanFlow's: it jumps, it does not integrate an ODE).
+Training steps/s of every model are measured with the
 data pipeline included (``TrainingTimer.loop_seconds``: the OT pairing is part of the cost) in short fits
 interleaved round-robin, in a rotating order, so that load drifts hit every coupling alike.
 
@@ -45,6 +49,8 @@ import torch  # noqa: E402
 from lightning_flows.benchmark.environment import script_environment  # noqa: E402
 from lightning_flows.callbacks import TrainingTimer  # noqa: E402
 from lightning_flows.evaluation import EvaluationSpec, Evaluator, sampling_weights  # noqa: E402
+from lightning_flows.models import MeanFlow  # noqa: E402
+from lightning_flows.models.meanflow import sampling_steps  # noqa: E402
 from lightning_flows.ode import SolverConfig  # noqa: E402
 from lightning_flows.training import build_cli  # noqa: E402
 
@@ -52,7 +58,15 @@ COUPLINGS = ("independent", "ot", "reflow")
 TOY_CONFIGS = {"independent": "experiments/toy2d/flow_matching.yaml", "ot": "experiments/toy2d/flow_matching_ot.yaml",
                "reflow": "experiments/toy2d/flow_matching_reflow.yaml"}
 DIGITS_CONFIG = "experiments/digits/flow_matching.yaml"
+MEANFLOW = "meanflow"
+MEANFLOW_CONFIGS = {"toy": "experiments/toy2d/meanflow.yaml", "digits": "experiments/digits/meanflow.yaml"}
+MODELS = (*COUPLINGS, MEANFLOW)
 SAMPLERS = ("euler", "midpoint")
+JUMPS = "jumps"  # MeanFlow's sampler: k jumps of the average velocity, NFE = k
+
+
+def samplers_of(model: str) -> tuple[str, ...]:
+    return (JUMPS,) if model == MEANFLOW else SAMPLERS
 # Throughput variants: the couplings, plus (toy) OT paired inside the training step, the peers' way.
 INLINE_OT = "ot, pairing in the step"
 
@@ -150,7 +164,12 @@ def final_checkpoint(trainer) -> str:
 def coupling_overrides(dataset: str, coupling: str, budget: Budget, teacher: str | None,
                        throughput: bool = False) -> tuple[str, list[str]]:
     """(config, overrides) of one model: the toy configs as committed (dataset switched), digits' config
-    with the coupling switched; reflow gets its teacher (and, where the budget says, fewer pairs)."""
+    with the coupling switched; reflow gets its teacher (and, where the budget says, fewer pairs); MeanFlow its
+    own configs as committed."""
+    if coupling == MEANFLOW:
+        if dataset == "digits":
+            return MEANFLOW_CONFIGS["digits"], []
+        return MEANFLOW_CONFIGS["toy"], ["--data.dataset", dataset]
     inline = coupling == INLINE_OT
     coupling = "ot" if inline else coupling
     if dataset == "digits":
@@ -192,9 +211,24 @@ def straightness_spec(dataset: str, budget: Budget) -> EvaluationSpec:
                           straightness_steps=budget.straightness_steps)
 
 
+def check_nfe(method: str, nfe: int, result: dict) -> None:
+    if result.get("nfe_per_sample") != nfe:
+        raise RuntimeError(f"{method} at {nfe} NFE reported {result.get('nfe_per_sample')} NFE/sample")
+
+
 def sweep(cli, quality: Evaluator, nfes: tuple[int, ...], straightness: EvaluationSpec) -> dict:
-    """Evaluate one trained model at every sampler and NFE, and its paths' straightness."""
+    """Evaluate one trained model at every sampler and NFE, and its paths' straightness (ODE samplers only)."""
     model, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
+    if isinstance(model, MeanFlow):
+        rows = []
+        with sampling_weights(trainer, model) as weights:
+            for nfe in nfes:
+                with sampling_steps(model, nfe):
+                    result = quality.evaluate(model, datamodule, weights=weights)
+                check_nfe(JUMPS, nfe, result)
+                rows.append({"method": JUMPS, "steps": nfe, "nfe": nfe, **result})
+        return {"weights": weights, "sweep": rows, "straightness": None, "straightness_rel": None,
+                "straightness_paths": None}
     original, rows = model.sampler, []
     with sampling_weights(trainer, model) as weights:
         try:
@@ -205,8 +239,7 @@ def sweep(cli, quality: Evaluator, nfes: tuple[int, ...], straightness: Evaluati
                         continue
                     model.sampler = solver
                     result = quality.evaluate(model, datamodule, weights=weights)
-                    if result.get("nfe_per_sample") != nfe:
-                        raise RuntimeError(f"{method} at {nfe} NFE reported {result.get('nfe_per_sample')} NFE/sample")
+                    check_nfe(method, nfe, result)
                     rows.append({"method": method, "steps": solver.steps, "nfe": nfe, **result})
         finally:
             model.sampler = original
@@ -217,10 +250,11 @@ def sweep(cli, quality: Evaluator, nfes: tuple[int, ...], straightness: Evaluati
 
 # ---- the stages ----
 def quality_stage(dataset: str, budget: Budget, runner: Runner, quality: Evaluator) -> tuple[dict, str]:
-    """Train independent, OT and reflow on ``dataset`` and sweep each; returns (results, teacher checkpoint)."""
+    """Train independent, OT, reflow and MeanFlow on ``dataset`` and sweep each; returns (results, teacher
+    checkpoint)."""
     steps = budget.digits_steps if dataset == "digits" else budget.toy_steps
     results, teacher = {}, None
-    for coupling in COUPLINGS:
+    for coupling in MODELS:
         config, overrides = coupling_overrides(dataset, coupling, budget, teacher)
         start = time.perf_counter()
         cli = runner.fit(f"{dataset}_{coupling}", config, overrides + ["--trainer.max_steps", str(steps)])
@@ -234,15 +268,17 @@ def quality_stage(dataset: str, budget: Budget, runner: Runner, quality: Evaluat
                       fit_steps_per_second=loop_rate(cli.trainer), command=runner.commands[-1])
         results[coupling] = result
         best = min(r[quality_key(dataset)] for r in result["sweep"])
+        paths = ("" if result["straightness"] is None else
+                 f"; straightness {result['straightness']:.4g} (S/K {result['straightness_rel']:.3f})")
         say(f"{dataset}/{coupling}: {result['steps']} steps in {fit_seconds:.0f} s; best {quality_key(dataset)} "
-            f"{best:.4g}; straightness {result['straightness']:.4g} (S/K {result['straightness_rel']:.3f})")
+            f"{best:.4g}{paths}")
     return results, teacher
 
 
 def throughput_stage(dataset: str, budget: Budget, runner: Runner, teacher: str) -> dict:
-    """Steps/s of every coupling in short fits, round-robin over ``throughput_rounds`` rounds, the order rotated
+    """Steps/s of every model in short fits, round-robin over ``throughput_rounds`` rounds, the order rotated
     each round. Returns ``{variant: {"rates": [...], "ratios": [...]}}`` (ratios to independent, per round)."""
-    variants = list(COUPLINGS) + ([INLINE_OT] if dataset != "digits" else [])
+    variants = list(MODELS) + ([INLINE_OT] if dataset != "digits" else [])
     steps = budget.throughput_steps_digits if dataset == "digits" else budget.throughput_steps_toy
     rates: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(budget.throughput_rounds):
@@ -277,10 +313,10 @@ def first_reaching(result: dict, method: str, key: str, target: float, nfes) -> 
 
 
 def quality_table(results: dict, nfes, key: str) -> list[str]:
-    lines = ["| coupling | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+    lines = ["| model | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|" + "---|" * len(nfes)]
-    for coupling in COUPLINGS:
-        for method in SAMPLERS:
+    for coupling in MODELS:
+        for method in samplers_of(coupling):
             lines.append(f"| {coupling} | {method} | "
                          + " | ".join(fmt(lookup(results[coupling], method, n, key)) for n in nfes) + " |")
     return lines
@@ -292,9 +328,9 @@ def best_of(result: dict, key: str) -> tuple[float, str, int]:
     return value, method, nfe
 
 
-def reach_text(result: dict, key: str, target: float, nfes) -> str:
+def reach_text(result: dict, key: str, target: float, nfes, samplers=SAMPLERS) -> str:
     parts = []
-    for method in SAMPLERS:
+    for method in samplers:
         reach = first_reaching(result, method, key, target, nfes)
         parts.append(f"{method} {reach} NFE" if reach else f"{method} never (<= {max(nfes)} NFE)")
     return ", ".join(parts)
@@ -314,6 +350,14 @@ def summary_lines(results: dict, nfes, key: str, floor: float) -> list[str]:
                      f"independent's best value with {reach_text(results[coupling], key, best, nfes)}. Euler at 1 NFE "
                      f"{fmt(lookup(results[coupling], 'euler', 1, key))}, at {top} NFE "
                      f"{fmt(lookup(results[coupling], 'euler', top, key))}; best {fmt(value)} ({method}, {nfe} NFE).")
+    meanflow = results[MEANFLOW]
+    one, two = lookup(meanflow, JUMPS, 1, key), lookup(meanflow, JUMPS, 2, key)
+    reflow_one = lookup(results["reflow"], "euler", 1, key)
+    value, _, nfe = best_of(meanflow, key)
+    relative = "" if not target else f" ({100 * (one / target - 1):+.0f}% against independent's Euler-{top})"
+    lines.append(f"- meanflow (no teacher): 1 NFE {fmt(one)}{relative}, 2 NFE {fmt(two)}; reflow's 1-NFE Euler "
+                 f"{fmt(reflow_one)}; reaches independent's Euler-{top} value with "
+                 f"{reach_text(meanflow, key, target, nfes, (JUMPS,))}; best {fmt(value)} ({nfe} NFE).")
     return lines
 
 
@@ -323,7 +367,8 @@ def median(values: list[float]) -> float | None:
 
 def write_report(out: Path, payload: dict, budget: Budget) -> Path:
     nfes, env = budget.nfes, payload["environment"]
-    lines = ["# Flow matching: sample quality vs NFE for independent, minibatch-OT and reflow couplings", "",
+    lines = ["# Flow matching: sample quality vs NFE for independent, minibatch-OT and reflow couplings, and MeanFlow",
+             "",
              f"Produced by `{payload['command']}` in {payload['wall_seconds']:.0f} s on {env['device']} "
              f"({env['threads']} torch thread(s), {env['cpu_count']} cores), torch {env['versions']['torch']}, "
              f"commit {env['commit']}, {env['date']}. Load average (1 min) before the run: "
@@ -331,7 +376,8 @@ def write_report(out: Path, payload: dict, budget: Budget) -> Path:
              "Every number comes from the shared evaluator (`lightning_flows.evaluation`), on the weights "
              "`lightning-flows sample` uses, with the same noise for every sampler. NFE = network evaluations per "
              "sample: Euler with k steps (NFE = k, the primary axis) and midpoint with k/2 steps (NFE = k; no odd "
-             "NFE). Lower is better; the floor is the same metric between two real data sets of the same size, "
+             "NFE); MeanFlow with k jumps of its average velocity (NFE = k). Lower is better; the floor is the "
+             "same metric between two real data sets of the same size, "
              "what a perfect model scores (energy distance and KID are unbiased estimates, so values near 0 can be "
              "negative). Figure: `nfe_sweep.png`; the training commands are at the end.", ""]
     for dataset, results in payload["quality"].items():
@@ -359,7 +405,7 @@ def write_report(out: Path, payload: dict, budget: Budget) -> Path:
               f"order ({budget.throughput_steps_toy} steps per 2D fit, {budget.throughput_steps_digits} per digits "
               "fit; the median, and the median of the per-round ratios). In the quality fit: the same clock over "
               "that model's whole training (sequential, so load changes between fits are in it).", "",
-              "| data | coupling | steps/s interleaved | vs independent | steps/s in the quality fit |",
+              "| data | model | steps/s interleaved | vs independent | steps/s in the quality fit |",
               "|---|---|---|---|---|"]
     for dataset, speed in payload["throughput"].items():
         results = payload["quality"][dataset]
@@ -372,7 +418,8 @@ def write_report(out: Path, payload: dict, budget: Budget) -> Path:
               f"(`lightning_flows.metrics.path_straightness`; midpoint, {budget.straightness_steps} steps; "
               f"{budget.straightness_paths_toy} paths on 2D data, {budget.straightness_paths_digits} on digits): "
               "0 for straight constant-speed paths, which one Euler step integrates exactly. S/K divides by the "
-              "paths' kinetic energy E int ||v||^2 dt (scale-free, in [0, 1]).", "",
+              "paths' kinetic energy E int ||v||^2 dt (scale-free, in [0, 1]). MeanFlow samples by jumps, not by an "
+              "ODE, so it has no row here.", "",
               "| data | coupling | S | S/K |", "|---|---|---|---|"]
     for dataset, results in payload["quality"].items():
         for coupling in COUPLINGS:
@@ -383,7 +430,7 @@ def write_report(out: Path, payload: dict, budget: Budget) -> Path:
               "-1 --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0` (no validation passes), no logger, "
               "no progress bar, one device, `--trainer.callbacks+=lightning_flows.callbacks.TrainingTimer`, and:", ""]
     for dataset, results in payload["quality"].items():
-        for coupling in COUPLINGS:
+        for coupling in MODELS:
             res = results[coupling]
             overrides = " ".join(shlex.quote(a) for a in res["overrides"]) or "(no overrides)"
             lines.append(f"- {dataset}/{coupling}: `{res['config']}` for {res['steps']} steps, `{overrides}` "
@@ -407,11 +454,11 @@ def write_figure(out: Path, payload: dict, budget: Budget) -> Path:
     if "digits" in payload["quality"]:
         panels += [("digits", "fid", "fid_floor", "FID (classifier)"), ("digits", "kid", "kid_floor", "KID")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.1), squeeze=False)
-    colours = {"independent": "tab:blue", "ot": "tab:orange", "reflow": "tab:green"}
+    colours = {"independent": "tab:blue", "ot": "tab:orange", "reflow": "tab:green", MEANFLOW: "tab:red"}
     for ax, (dataset, key, floor_key, label) in zip(axes[0], panels):
         results = payload["quality"][dataset]
-        for coupling in COUPLINGS:
-            for method, style in zip(SAMPLERS, ("-o", "--s")):
+        for coupling in MODELS:
+            for method, style in zip(samplers_of(coupling), ("-o", "--s")):
                 rows = [r for r in results[coupling]["sweep"] if r["method"] == method]
                 ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], style, color=colours[coupling],
                         markersize=4, label=f"{coupling}, {method}")
