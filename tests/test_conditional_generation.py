@@ -199,7 +199,7 @@ def test_conditional_checkpoint_rebuilds_a_conditional_datamodule_and_model(tmp_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family", ["flow_matching", "diffusion"])
+@pytest.mark.parametrize("family", ["flow_matching", pytest.param("diffusion", marks=pytest.mark.slow)])
 def test_two_gloo_ranks_train_on_their_own_labelled_shards_and_end_identical(tmp_path, family):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     result = run_process([sys.executable, str(PROBE), str(tmp_path), family, "3"], timeout=240, env=env)

@@ -31,7 +31,8 @@ def _dirs(root: Path) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("failing_rank", [1, 0])
+# Rank 0 failing is the same code path with the roles swapped: `make test-slow` (keeps `make test` under 10 min).
+@pytest.mark.parametrize("failing_rank", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_an_exception_on_one_rank_ends_the_whole_job_promptly_and_non_zero(tmp_path, failing_rank):
     marker = tmp_path / "failed_at"
     command = cli("fit", "--config", TOY, *SMALL, *_dirs(tmp_path), "--trainer.devices", "2",
@@ -97,7 +98,10 @@ def _two_nodes(tmp_path: Path, steps: int, launch: str) -> list[subprocess.Compl
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("launch", ["env", "torchrun", "slurm"])
+# The environment launch runs by default; torchrun and SLURM variables (the same rendezvous from other
+# variables) in `make test-slow`.
+@pytest.mark.parametrize("launch", ["env", pytest.param("torchrun", marks=pytest.mark.slow),
+                                    pytest.param("slurm", marks=pytest.mark.slow)])
 def test_two_nodes_on_one_host_train_together_and_end_identical(tmp_path, launch):
     steps = 5
     results = _two_nodes(tmp_path, steps, launch)
