@@ -42,18 +42,22 @@ class LikelihoodTraits:
             over the cell), so its value already is the discrete likelihood, with no dequantisation gap.
         unbiased_density: ``exp(value)`` is ``p(x)`` or an unbiased estimate of it (exact densities, IWAE):
             the log-mean-exp over dequantisation draws is then a lower bound on ``log P(k)``.
+        of_the_data: False for the likelihood of another variable than the data (TarFlow's density at the data
+            plus fresh training noise): reported under its own name, never importance-weighted and never a bound
+            on the data's NLL (so never the table's headline).
     """
 
     name: str
     value: str
     on_levels: bool = False
     unbiased_density: bool = False
+    of_the_data: bool = True
 
     @property
     def importance_weightable(self) -> bool:
         """Whether averaging over dequantisation draws means anything: a continuous density, exact or an
         unbiased estimate of the density (a bound on ``log P(k)``) or of its log (an estimate of that bound)."""
-        return not self.on_levels and (self.unbiased_density or self.value == "estimate")
+        return self.of_the_data and not self.on_levels and (self.unbiased_density or self.value == "estimate")
 
 
 DEFAULT_TRAITS = {
@@ -85,12 +89,14 @@ def label(traits: LikelihoodTraits, discrete: bool) -> str:
     ``dequantised <name>``.
     """
     name = "estimate (Hutchinson)" if traits.name == "estimate" else traits.name
-    if not discrete or traits.on_levels:
+    if not discrete or traits.on_levels or not traits.of_the_data:
         return name
+    # A family's own name for an exact value or an estimate (e.g. MeanFlow's "of u(z, t, t)") rides along.
+    detail = "" if traits.name in ("exact", "estimate") else f" ({traits.name})"
     if traits.value == "exact":
-        return "dequantised bound"
+        return f"dequantised bound{detail}"
     if traits.value == "estimate":
-        return "dequantised bound, unbiased estimate (Hutchinson)"
+        return f"dequantised bound, unbiased estimate (Hutchinson){detail}"
     return f"dequantised {name}"
 
 
@@ -105,5 +111,5 @@ def iw_label(traits: LikelihoodTraits, samples: int) -> str:
 def is_upper_bound(traits: LikelihoodTraits, importance_weighted: bool = False) -> bool:
     """Whether the reported NLL is, in expectation over the evaluator's draws, ``>=`` the model's own NLL of the
     same examples (discrete data: ``-log P(k)``; an exact value counts, with equality). Only the IW average of
-    unbiased *log*-density estimates (Hutchinson's) is not."""
-    return not (importance_weighted and not traits.unbiased_density)
+    unbiased *log*-density estimates (Hutchinson's) is not, nor a likelihood of another variable (``of_the_data``)."""
+    return traits.of_the_data and not (importance_weighted and not traits.unbiased_density)

@@ -212,6 +212,13 @@ class MeanFlow(GenerativeModel):
         ``u(z, t, t)``, not of the few-step sampler."""
         return ("estimate" if self.likelihood_divergence == "hutchinson" else "exact") + "_instantaneous"
 
+    def likelihood_traits(self) -> dict:
+        """For the evaluator's labels: a density (exact trace) or an unbiased estimate of its log (Hutchinson) of
+        the instantaneous field's ODE, a model of the data like flow matching's, named so in the table."""
+        return {"exact_instantaneous": {"name": "exact, ODE of u(z, t, t)", "value": "exact",
+                                        "unbiased_density": True},
+                "estimate_instantaneous": {"name": "estimate, ODE of u(z, t, t)", "value": "estimate"}}
+
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``log p(x)`` in nats under the ODE ``dz/dt = u_theta(z, t, t)`` from ``N(0, I)`` at ``t = 0``,
         ``(B, *data_shape)`` -> ``(B,)``; with labels ``y: (B,)`` the conditional field's ``log p(x | y)``; a

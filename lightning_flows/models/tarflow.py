@@ -380,6 +380,13 @@ class TarFlow(GenerativeModel):
             estimators["exact_noisy"] = self.noisy_log_prob
         return estimators
 
+    def likelihood_traits(self) -> dict:
+        """For the evaluator's labels (:mod:`lightning_flows.evaluation.likelihood_labels`): ``exact`` is an exact
+        density at the data (the default traits); ``exact_noisy`` is exact but of the noise-augmented variable, so
+        it is never a bound on the data's NLL nor the table's headline."""
+        return {"exact_noisy": {"name": "exact, of the noise-augmented data (not a bound on the data's NLL)",
+                                "value": "exact", "of_the_data": False}}
+
     # ---- training ----
     def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Exact NLL of the noise-augmented batch in nats per dimension, ``-log p(x + sigma eps [| y]) / D``."""
