@@ -119,6 +119,7 @@ def _ddp_worker(rank: int, world: int, classifier_path: str, cache_dir: str, out
     torch.save(result, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 def test_two_gloo_ranks_give_the_single_process_class_metrics(classifier_file, tmp_path):
     cache = tmp_path / "cache"
     x, y = correctly_classified_train_digits(classifier_file)

@@ -13,6 +13,7 @@ from lightning_flows.flow_matching import MinibatchOTCoupling, TimeSampler, Trai
 PROBE = Path(__file__).with_name("fm_ddp_probe.py")
 
 
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 @pytest.mark.timeout(300)
 def test_ot_coupling_draws_different_reproducible_noise_on_each_rank(tmp_path):
     steps = 3

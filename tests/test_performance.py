@@ -249,6 +249,7 @@ def test_cli_runs_have_the_interval_bar_and_the_performance_switches(tiny_fit, t
 
 
 # ---- DDP ----
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 @pytest.mark.timeout(300)
 def test_switches_under_two_cpu_ranks_keep_replicas_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

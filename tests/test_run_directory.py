@@ -157,6 +157,7 @@ def test_without_a_config_file_the_name_is_dataset_and_family():
     assert experiment_name(config) == "moons_flow_matching"
 
 
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 @pytest.mark.timeout(600)
 def test_two_ddp_ranks_write_one_run_directory_with_wandb_beside_csv(tmp_path):
     """Under DDP every rank places its loggers before any process group exists (rank 1 even draws its own wandb

@@ -126,6 +126,7 @@ def test_bad_recipe_names_the_choices():
         TinyModel(warmup_steps=-1)
 
 
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 @pytest.mark.timeout(300)
 def test_time_budgeted_cosine_and_ema_agree_across_two_ddp_ranks(tmp_path):
     import os

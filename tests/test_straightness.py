@@ -84,6 +84,7 @@ def _trained_like_straightness() -> dict:
     return Evaluator(spec).evaluate(model, GenerativeDataModule("8gaussians"))
 
 
+@pytest.mark.slow  # a feature under 2 DDP ranks, in `make test-slow` (keeps `make test` under 10 min)
 @pytest.mark.timeout(300)  # spawned ranks import torch afresh: tens of seconds on a busy machine
 def test_straightness_on_two_ddp_ranks_equals_one_process(tmp_path):
     single = _trained_like_straightness()
