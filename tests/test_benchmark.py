@@ -368,6 +368,18 @@ def test_a_run_that_stops_short_of_its_budget_is_not_published(tmp_path):
     assert not (tmp_path / "out" / "runs" / "8gaussians__realnvp__seed0").exists()
 
 
+def test_a_suite_whose_budget_is_wall_clock_time_publishes_the_runs_its_timer_ends(tmp_path):
+    """experiments/suites/toy_nll.yaml trains each run for 90 s (``trainer.max_time``; its steps only a cap): the
+    Timer's stop is that budget spent, so the run is published with the steps it made, not failed as short (it was,
+    from the benchmark-directory change of issue 19 until this test)."""
+    suite = write_suite(tmp_path, models=["realnvp"], overrides=[],
+                        datasets={"8gaussians": {"configs": "experiments/toy2d", "steps": 10 ** 7, "batch_size": 64}},
+                        trainer={**TINY["trainer"], "max_time": "00:00:00:02"})
+    runner.run_suite(suite, tmp_path / "out", root=ROOT)
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert 0 < row["global_step"] < 10 ** 7 and row["train_seconds"] > 1.0  # the timer also counts set-up
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--trainer.default_root_dir", "elsewhere"], "places every run in <--out>/runs/ itself"),
     # Before the fix these trained 0 steps (exit 0, an untrained result published) or rows reported the

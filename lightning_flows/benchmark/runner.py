@@ -173,6 +173,20 @@ def _stopped_by_signal(trainer) -> bool:
                                            for c in trainer.callbacks)
 
 
+def _time_budget_spent(plan: RunPlan, trainer) -> bool:
+    """The run's budget is wall-clock time (the suite file sets ``trainer.max_time``; its steps are then only a cap,
+    as in experiments/suites/toy_nll.yaml) and Lightning's Timer ended training after at least one step: the budget
+    was spent, not cut short. A ``--trainer.max_time`` given to the benchmark command is not the suite's budget: a
+    run it stops is short. Rank zero's clock decides for every rank, as the Timer's own stop does, so all ranks
+    publish or fail together."""
+    from lightning.pytorch.callbacks import Timer
+
+    declared = "trainer.max_time" in plan.args and trainer.global_step > 0
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if declared and timer is not None else None
+    return bool(trainer.strategy.broadcast(remaining is not None and remaining <= 0))
+
+
 def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | None:
     """Train and evaluate one run with every file in ``run_dir``; on rank zero, write ``samples.pt`` and
     ``samples.png`` there and return the result row (None elsewhere). Nothing is committed here."""
@@ -189,7 +203,8 @@ def run_one(plan: RunPlan, suite: Suite, run_dir: Path, logger: str) -> dict | N
     if _stopped_by_signal(trainer):
         raise SuiteInterrupted(f"a stop signal (SIGTERM or Ctrl-C) ended the training of {plan.name} at step "
                                f"{trainer.global_step}")
-    if trainer.global_step < trainer.max_steps or trainer.interrupted:
+    short = trainer.global_step < trainer.max_steps and not _time_budget_spent(plan, trainer)
+    if short or trainer.interrupted:
         raise IncompleteRun(f"training stopped after {trainer.global_step} of {trainer.max_steps} optimizer steps "
                             f"(see the messages above); a run short of the suite's budget is not published.")
     timer = next(c for c in trainer.callbacks if isinstance(c, TrainingTimer))
