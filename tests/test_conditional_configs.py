@@ -1,6 +1,7 @@
-"""The class-conditional digits configs of RealNVP, Glow, NSF, VAE and GAN (issue 14): each is its family's digits
-recipe plus ``data.conditional: true`` (the flows also an EMA of the weights, measured at the conditional suite's
-budget: issue 21 item 5), and fits through the CLI with ``num_classes`` linked from the DataModule."""
+"""The class-conditional digits configs of RealNVP, Glow, NSF, VAE, GAN (issue 14) and the CNF (issue 21): each is
+its family's digits recipe plus ``data.conditional: true`` (the discrete flows also an EMA of the weights, measured
+at the conditional suite's budget: issue 21 item 5; the CNF's recipe has one already), and fits through the CLI
+with ``num_classes`` linked from the DataModule."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import yaml
 from lightning_flows.data import GenerativeDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["realnvp", "glow", "nsf", "vae", "gan"]
+FAMILIES = ["realnvp", "glow", "nsf", "vae", "gan", "cnf"]
 SMALL = {"realnvp": ["--model.init_args.steps", "1", "--model.init_args.hidden", "8"],
          "glow": ["--model.init_args.steps", "1", "--model.init_args.hidden", "8"],
          "nsf": ["--model.init_args.steps", "1", "--model.init_args.hidden", "8"],
          "vae": ["--model.init_args.base_channels", "8", "--model.init_args.iwae_k", "2"],
-         "gan": ["--model.init_args.base_channels", "8"]}
+         "gan": ["--model.init_args.base_channels", "8"],
+         "cnf": ["--model.init_args.hidden", "8", "--model.init_args.depth", "1"]}
 labelled_data = pytest.mark.skipif("conditional" not in inspect.signature(GenerativeDataModule).parameters,
                                    reason="needs the DataModule's `conditional` option (issue 14, the data part)")
 

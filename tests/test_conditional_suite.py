@@ -8,7 +8,7 @@ from conftest import ROOT
 from lightning_flows.benchmark.suite import load_suite
 
 SUITE = ROOT / "experiments" / "suites" / "conditional.yaml"
-FAMILIES = ("vae", "gan", "realnvp", "glow", "nsf", "diffusion", "flow_matching")
+FAMILIES = ("vae", "gan", "realnvp", "glow", "nsf", "cnf", "diffusion", "flow_matching")
 
 
 def test_conditional_suite_lists_every_family_and_its_configs_are_conditional():
@@ -26,4 +26,5 @@ def test_conditional_suite_dry_run_builds_every_model_and_pushes_a_labelled_batc
 
     monkeypatch.chdir(ROOT)
     rows = dry_run(load_suite(SUITE, ROOT), tmp_path, [])
-    assert {row["family"] for row in rows} == {"VAE", "GAN", "RealNVP", "Glow", "NSF", "Diffusion", "FlowMatching"}
+    assert {row["family"] for row in rows} == {"VAE", "GAN", "RealNVP", "Glow", "NSF", "CNF", "Diffusion",
+                                                 "FlowMatching"}

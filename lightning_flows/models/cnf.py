@@ -8,6 +8,14 @@ kinetic-energy and Jacobian-Frobenius penalties that keep the learned dynamics e
 As in FFJORD, training and evaluation use separate solver settings: training may use a cheap
 fixed-step solver and Hutchinson's trace; evaluation (``log_prob``, ``val/loss``, ``test/loss``) uses
 ``test_solver`` with the exact trace, so the reported NLL is an exact likelihood of the model.
+
+Class-conditional (``num_classes = K > 0``, issue 21), conditioned the way the discrete flows are: the label shifts
+every layer of the MLP field, ``f(z, t, y)`` (:class:`~lightning_flows.nn.ode_functions.ConcatSquashMLP`), over a
+learned per-class Gaussian base (:class:`~lightning_flows.flows.ClassConditionalNormal`). Training maximises the
+exact ``log p(x | y)``; ``log_prob(x, y)`` is exact and ``log_prob(x)`` the exact marginal
+``logsumexp_y [log p(x | y) + log p(y)]`` with the uniform class prior: one ODE solve of the ``K`` classes batched
+together (``K`` times the rows), so bits/dim stays comparable with unconditional models. No classifier-free
+guidance (``guidance`` must stay 1).
 """
 
 from __future__ import annotations
@@ -17,27 +25,35 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, require_labels,
+                                          sampling_labels)
 from lightning_flows.flows.actnorm import ActNorm
+from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
-from lightning_flows.models.base import GenerativeModel
-from lightning_flows.nn.ode_functions import ConcatConvField, ConcatSquashMLP
+from lightning_flows.models.base import GenerativeModel, split_batch
+from lightning_flows.nn.ode_functions import ConcatConvField, ConcatSquashMLP, LabelledField
 from lightning_flows.ode import (
     DIVERGENCE_KINDS, PROBE_KINDS, SolverConfig, as_solver_config, integrate, ode_log_likelihood,
 )
+from lightning_flows.ode.likelihood import standard_normal_log_prob
 
 FIELDS = ("auto", "mlp", "conv")
 
 
 def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: int, channels: int,
-                   activation: str) -> torch.nn.Module:
-    """``auto`` picks the conv field for images ``(C, H, W)`` and the MLP for vectors."""
+                   activation: str, num_classes: int = 0) -> torch.nn.Module:
+    """``auto`` picks the conv field for images ``(C, H, W)`` and the MLP for vectors; ``num_classes > 0`` gives
+    the class-conditional MLP field."""
     if field not in FIELDS:
         raise ValueError(f"Unknown CNF field '{field}'. Choose one of: {', '.join(FIELDS)}.")
     if field == "auto":
         field = "conv" if len(data_shape) == 3 else "mlp"
     if field == "conv":
+        if num_classes:
+            raise ValueError("the class-conditional CNF conditions the MLP field only; set model.field: mlp "
+                             "(or train the conv field unconditionally, data.conditional: false).")
         return ConcatConvField(data_shape, channels=channels, depth=depth, activation=activation)
-    return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation)
+    return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes)
 
 
 class CNF(GenerativeModel):
@@ -60,6 +76,8 @@ class CNF(GenerativeModel):
         normalize: put an ActNorm (per-dimension affine, initialised from the first training batch to zero
             mean and unit variance, then learned) between the data (after ``preprocess``) and the ODE, so the
             field need not spend its flow on the data's scale; its log-det joins ``log_prob``.
+        num_classes: classes ``K`` of the class-conditional CNF (0: unconditional); linked from the DataModule by
+            the CLI (``data.conditional: true``), never written in a config. Needs the MLP field.
     """
 
     likelihood = "exact"
@@ -72,9 +90,10 @@ class CNF(GenerativeModel):
                  test_divergence: str = "exact", probe: str = "rademacher", kinetic_weight: float = 0.0,
                  jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, preprocess: str = "none",
                  logit_alpha: float = 0.05, normalize: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant", warmup_steps: int = 0):
+                 lr_schedule: str = "constant", warmup_steps: int = 0, num_classes: int = 0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
+        self.num_classes = check_num_classes(num_classes)
         for name, value in (("train_divergence", train_divergence), ("test_divergence", test_divergence)):
             if value not in DIVERGENCE_KINDS:
                 raise ValueError(f"Unknown {name} '{value}'. Choose one of: {', '.join(DIVERGENCE_KINDS)}.")
@@ -90,23 +109,34 @@ class CNF(GenerativeModel):
         self.train_divergence, self.test_divergence, self.probe = train_divergence, test_divergence, probe
         self.kinetic_weight, self.jacobian_weight = kinetic_weight, jacobian_weight
         self.trace_chunk_size = trace_chunk_size
-        self.field = make_ode_field(self.data_shape, field, hidden, depth, channels, activation)
+        self.field = make_ode_field(self.data_shape, field, hidden, depth, channels, activation, self.num_classes)
         # FFJORD models images in logit space (as RealNVP does): the ODE runs on z = logit(x); the
         # preprocessing's log-det joins log p, so log_prob stays a density in model space.
         (self.preprocess,) = preprocessing_layers(preprocess, self.data_shape, logit_alpha) or (None,)
         self.normalizer = ActNorm(self.dim) if normalize else None
+        # Zero-initialised: every class starts as the standard normal (no random draws).
+        self.class_base = ClassConditionalNormal(self.data_shape, self.num_classes) if self.num_classes else None
         self.last_log_prob_nfe: int | None = None
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The velocity ``f_theta(x, t)``: ``(B, *data_shape)`` -> same shape."""
         return self.field(x, t)
 
-    def training_loss(self, x: Tensor) -> Tensor:
-        """Mean NLL in nats (training solver and divergence) plus the weighted RNODE penalties."""
+    def _labelled(self, y: Tensor | None) -> tuple[torch.nn.Module, object]:
+        """The field and base log-density of ``log p(. | y)`` for labels ``y: (B,)``, or the unconditional ones."""
+        if y is None:
+            return self.field, standard_normal_log_prob
+        return LabelledField(self.field, y), lambda z: self.class_base.log_prob(z, y)
+
+    def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Mean NLL in nats, ``-log p(x)`` or (conditional) ``-log p(x | y)`` (training solver and divergence),
+        plus the weighted RNODE penalties."""
+        y = require_labels("CNF", self.num_classes, y, x.shape[0])
         z, log_det = self._to_ode_space(x)
-        result = ode_log_likelihood(self.field, z, self.train_solver, divergence=self.train_divergence,
+        field, base_log_prob = self._labelled(y)
+        result = ode_log_likelihood(field, z, self.train_solver, divergence=self.train_divergence,
                                     probe=self.probe, kinetic_energy=self.kinetic_weight > 0,
-                                    jacobian_frobenius=self.jacobian_weight > 0,
+                                    jacobian_frobenius=self.jacobian_weight > 0, base_log_prob=base_log_prob,
                                     chunk_size=self.trace_chunk_size)
         nll = -(result.log_prob + log_det).mean()
         loss = nll
@@ -138,20 +168,55 @@ class CNF(GenerativeModel):
     def likelihood_kind(self) -> str:
         return "estimate" if self.test_divergence == "hutchinson" else "exact"
 
-    def log_prob(self, x: Tensor, solver: SolverConfig | None = None, divergence: str | None = None) -> Tensor:
-        """Exact ``log p(x)`` in nats (test solver, exact trace by default): ``(B, *data_shape)`` -> ``(B,)``."""
+    def log_prob(self, x: Tensor, y: Tensor | None = None, solver: SolverConfig | None = None,
+                 divergence: str | None = None) -> Tensor:
+        """Exact ``log p(x)`` in nats (test solver, exact trace by default): ``(B, *data_shape)`` -> ``(B,)``.
+
+        With labels ``y: (B,)`` (a conditional model) the exact ``log p(x | y)``; a conditional model without labels
+        returns the exact marginal over its classes."""
+        if y is not None:
+            y = check_labels("CNF", self.num_classes, y, x.shape[0]).to(x.device)
+        elif self.num_classes:
+            return torch.logsumexp(self.log_prob_every_class(x, solver, divergence), dim=1) + \
+                self.class_base.log_class_prior
         z, log_det = self._to_ode_space(x)
-        result = ode_log_likelihood(self.field, z, solver or self.test_solver,
+        field, base_log_prob = self._labelled(y)
+        result = ode_log_likelihood(field, z, solver or self.test_solver,
                                     divergence=divergence or self.test_divergence, probe=self.probe,
-                                    chunk_size=self.trace_chunk_size)
+                                    base_log_prob=base_log_prob, chunk_size=self.trace_chunk_size)
         self.last_log_prob_nfe = result.nfe
         return result.log_prob + log_det
 
+    def log_prob_every_class(self, x: Tensor, solver: SolverConfig | None = None,
+                             divergence: str | None = None) -> Tensor:
+        """``log p(x | y = k)`` for every class ``k``: ``(B, *data_shape)`` -> ``(B, K)`` nats. The classes run as
+        one solve of ``K * B`` rows (in passes of at most ``MARGINAL_ROWS_PER_PASS`` rows)."""
+        if not self.num_classes:
+            raise ValueError("this CNF is unconditional (num_classes=0): it has no per-class densities.")
+        b, k = x.shape[0], self.num_classes
+        classes_per_pass = max(1, MARGINAL_ROWS_PER_PASS // max(b, 1))
+        columns, nfe = [], 0
+        for first in range(0, k, classes_per_pass):
+            classes = torch.arange(first, min(first + classes_per_pass, k), device=x.device)
+            labels = classes.repeat_interleave(b)  # class-major: copy j of the batch is scored as classes[j]
+            rows = x.expand(len(classes), *x.shape).reshape(-1, *x.shape[1:])
+            columns.append(self.log_prob(rows, labels, solver, divergence).view(len(classes), b).T)
+            nfe += self.last_log_prob_nfe
+        self.last_log_prob_nfe = nfe
+        return torch.cat(columns, dim=1)
+
     @torch.no_grad()
-    def sample(self, n: int, solver: SolverConfig | None = None) -> Tensor:
-        """Integrate base noise from ``t = 0`` to ``t = 1``: ``(n, *data_shape)`` in model space."""
-        z0 = torch.randn(n, *self.data_shape, device=self.device)
-        solution = integrate(self.field, z0, solver or self.sampler, 0.0, 1.0)
+    def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0,
+               solver: SolverConfig | None = None) -> Tensor:
+        """Integrate base noise from ``t = 0`` to ``t = 1``: ``(n, *data_shape)`` in model space. A conditional
+        model draws class ``y[i]`` for sample ``i`` (uniform classes when ``y`` is None); ``guidance`` must be 1."""
+        check_no_guidance("CNF", guidance)
+        labels = sampling_labels("CNF", self.num_classes, y, n, self.device)
+        if labels is None:
+            z0, field = torch.randn(n, *self.data_shape, device=self.device), self.field
+        else:
+            z0, field = self.class_base.sample(labels), LabelledField(self.field, labels)
+        solution = integrate(field, z0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
         z = solution.states
         if self.normalizer is not None:
@@ -167,15 +232,28 @@ class CNF(GenerativeModel):
         return z, log_det
 
     def sampling_ode(self):
-        return self.field, 0.0, 1.0  # in the ODE's space (logit space with `preprocess: logit`)
+        # In the ODE's space (logit space with `preprocess: logit`). A conditional CNF has no label-free field
+        # (no null class), so there is no one sampling ODE whose paths to measure.
+        return None if self.num_classes else (self.field, 0.0, 1.0)
 
     # Validation and test report the exact NLL (the family's own objective without the training
     # approximations), so val/loss is comparable across runs with different training solvers.
-    def _step(self, batch: Tensor, stage: str) -> Tensor:
+    # A conditional model reports the marginal -log p(x) (comparable with unconditional models) and, beside it,
+    # -log p(x | y) as nll_given_class, from one solve of every class.
+    def _step(self, batch: Tensor | tuple[Tensor, Tensor], stage: str) -> Tensor:
         if stage == "train":
             return super()._step(batch, stage)
-        self._check_input(batch)
-        nll = -self.log_prob(batch).mean()
-        self.log(f"{stage}/loss", nll, sync_dist=True, batch_size=batch.shape[0])
-        self.log(f"{stage}/nfe", float(self.last_log_prob_nfe), sync_dist=True, batch_size=batch.shape[0])
+        x, y = split_batch(batch)
+        self._check_input(x)
+        y = require_labels("CNF", self.num_classes, y, x.shape[0])
+        size = x.shape[0]
+        if y is None:
+            nll = -self.log_prob(x).mean()
+        else:
+            every_class = self.log_prob_every_class(x)
+            self.log(f"{stage}/nll_given_class", -every_class.gather(1, y[:, None].to(x.device)).mean(),
+                     sync_dist=True, batch_size=size)
+            nll = -(torch.logsumexp(every_class, dim=1) + self.class_base.log_class_prior).mean()
+        self.log(f"{stage}/loss", nll, sync_dist=True, batch_size=size)
+        self.log(f"{stage}/nfe", float(self.last_log_prob_nfe), sync_dist=True, batch_size=size)
         return nll

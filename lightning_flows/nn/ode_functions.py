@@ -101,9 +101,14 @@ class ConcatSquashMLP(nn.Module):
     Args:
         data_shape: shape of one example (flattened internally, so ``(1, 8, 8)`` works too).
         hidden: width; depth: number of hidden layers; activation: ``softplus`` or ``tanh`` advised.
+        num_classes: ``K > 0`` makes the field class-conditional, ``f(x, t, y)``: a learned shift per class is
+            added to every layer's pre-activation (the one-hot label through a linear map, as the conditional
+            couplings read it). The shifts start at zero, so the conditional field starts as the unconditional
+            one, and they do not depend on ``x``, so the closed-form Jacobian below is unchanged.
     """
 
-    def __init__(self, data_shape: Sequence[int], hidden: int = 64, depth: int = 3, activation: str = "softplus"):
+    def __init__(self, data_shape: Sequence[int], hidden: int = 64, depth: int = 3, activation: str = "softplus",
+                 num_classes: int = 0):
         super().__init__()
         self.data_shape = tuple(data_shape)
         dim = 1
@@ -113,6 +118,19 @@ class ConcatSquashMLP(nn.Module):
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activation = activation
         self.act = make_field_activation(activation)
+        self.num_classes = int(num_classes)
+        # Created after the layers and from zeros: no random draws, so the layers' initialisation is that of
+        # the unconditional field (and num_classes = 0 keeps its state dict).
+        self.class_shifts = nn.ParameterList(nn.Parameter(torch.zeros(self.num_classes, width))
+                                             for width in widths[1:]) if self.num_classes else None
+
+    def _class_shift(self, i: int, y: Tensor | None) -> Tensor | float:
+        """Layer ``i``'s shift for labels ``y: (B,)``, ``(B, width)``; 0 without labels."""
+        if y is None:
+            return 0.0
+        if self.class_shifts is None:
+            raise ValueError("this field is unconditional (num_classes=0): call it without class labels.")
+        return self.class_shifts[i][y]
 
     @staticmethod
     def _time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -120,18 +138,19 @@ class ConcatSquashMLP(nn.Module):
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         return t.reshape(()) if t.numel() == 1 else broadcast_time(t, x.shape[0], x)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """``f(x, t)``, or ``f(x, t, y)`` for class labels ``y: (B,)`` (a field built with ``num_classes``)."""
         t = self._time(t, x)
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
-            h = layer(h, t)
+            h = layer(h, t) + self._class_shift(i, y)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h.reshape(x.shape)
 
     def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
-                                chunk_size: int | None = None,
-                                probe: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                                chunk_size: int | None = None, probe: Tensor | None = None,
+                                y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``f(x, t)``, ``Tr(df/dx)`` and (``frobenius``) ``||df/dx||_F^2`` per example, in closed form.
 
         ``x: (B, *shape)`` -> ``((B, *shape), (B,), (B,) or None)``. Forward-mode differentiation by hand: tangents
@@ -151,7 +170,7 @@ class ConcatSquashMLP(nn.Module):
         gates, slopes = [], []
         for i, layer in enumerate(self.layers):
             gate, shift = layer.gate_and_shift(t)
-            pre = layer.linear(h) * gate + shift
+            pre = layer.linear(h) * gate + shift + self._class_shift(i, y)
             gates.append(gate if gate.ndim == 1 else gate[:, None, :])  # broadcast over the tangents
             if i < len(self.layers) - 1:
                 h = self.act(pre)
@@ -179,6 +198,26 @@ class ConcatSquashMLP(nn.Module):
             if fro is not None:
                 fro = fro + jac_columns.pow(2).sum(dim=(1, 2))
         return h.reshape(x.shape), divergence, fro
+
+
+class LabelledField(nn.Module):
+    """A class-conditional field with its labels fixed for one solve: ``(x, t) -> field(x, t, y)``.
+
+    The ODE solvers and :class:`lightning_flows.ode.AugmentedDynamics` call fields as ``f(x, t)``; this binds
+    ``y: (B,)`` (one label per row of the solve's state) and keeps the field's closed-form divergence. The field
+    is a submodule, so the adjoint method finds its parameters.
+    """
+
+    def __init__(self, field: ConcatSquashMLP, y: Tensor):
+        super().__init__()
+        self.field, self.y = field, y
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        return self.field(x, t, self.y)
+
+    def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
+                                chunk_size: int | None = None, probe: Tensor | None = None):
+        return self.field.velocity_and_divergence(x, t, frobenius, chunk_size, probe=probe, y=self.y)
 
 
 class ConcatConvField(nn.Module):
