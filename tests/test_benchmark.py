@@ -227,9 +227,9 @@ def _table_after(text: str, start: str, end: str) -> list[str]:
     return [line for line in block.splitlines() if line.startswith("|")]
 
 
-@pytest.mark.parametrize("suite_name", ["quick", "standard"])
+@pytest.mark.parametrize("suite_name", ["quick", "standard", "conditional"])
 def test_readme_tables_are_the_committed_snapshots(suite_name):
-    """The README's quick and standard tables are what `lightning-flows benchmark` wrote into
+    """The README's quick, standard and conditional tables are what `lightning-flows benchmark` wrote into
     experiments/results/<suite>/table.md (pasted between markers); a rerun of the snapshot without the README, or
     the other way round, or a config changed since, fails here."""
     readme = (ROOT / "README.md").read_text()

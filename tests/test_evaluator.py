@@ -138,3 +138,20 @@ def test_diffusion_reports_its_bound_and_its_probability_flow_likelihood_side_by
     exact = Diffusion(data_shape=(1, 8, 8), data_levels=17, num_steps=20, base_channels=8, channel_mults=(1, 2),
                       likelihood_kind="ode")
     assert exact.likelihood_kind == "exact" and set(exact.likelihood_estimators()) == {"bound", "exact"}
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_testing_scores_the_likelihood_on_the_specs_split(digits, split):
+    """`lightning-flows test --evaluation.spec.likelihood_split train` scores the training digits (before the fix
+    the test split was scored whatever the spec said) and gives the evaluator's numbers for that split."""
+    from lightning_flows.callbacks import EvaluationCallback
+
+    model = fitted_gaussian(digits.split("train"))
+    spec = EvaluationSpec(quality=False, timing=False, progress=False, likelihood_split=split,
+                          max_likelihood_examples=300)
+    callback = EvaluationCallback(spec)
+    _trainer(callback).test(model, datamodule=digits, verbose=False)
+    direct = Evaluator(spec).evaluate(model, digits)
+    assert callback.last_result["likelihood_split"] == direct["likelihood_split"] == split
+    assert callback.last_result["likelihood_examples"] == (300 if split == "train" else 180)
+    assert callback.last_result["bpd_exact"] == pytest.approx(direct["bpd_exact"], rel=1e-6)

@@ -80,7 +80,10 @@ class EvaluationCallback(L.Callback):
             raise RuntimeError(f"{type(self).__name__} needs the GenerativeDataModule (its splits and quantisation): "
                                f"pass trainer.fit(model, datamodule=dm).")
         datamodule.setup()
-        split = "val" if stage == "val" else "test"
+        # Validation scores the val split; testing the spec's likelihood_split (default test: a user who sets
+        # `--evaluation.spec.likelihood_split train` asks how the model does on its training data, e.g. to see
+        # overfitting, and gets exactly that, recorded as result["likelihood_split"]).
+        split = "val" if stage == "val" else self.spec.likelihood_split
         limit = likelihood_limit(trainer, stage, len(getattr(datamodule.splits, split)),
                                  self.spec.likelihood_batch_size)
         result = self.evaluator.evaluate(pl_module, datamodule, weights=weights_in_use(trainer),
