@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import inspect
 import re
 import sys
@@ -36,11 +35,13 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def _init_parameters(class_path: str) -> list[str]:
+    """The init options of the class jsonargparse was validating. Only a module already imported is read (it
+    imported the class to validate it): an error message never makes us import what a config file names."""
     module_name, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = getattr(sys.modules[module_name], name)
         return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (KeyError, AttributeError, ValueError, TypeError):
         return []
 
 

@@ -18,11 +18,11 @@ With several loggers the first one's ``<root>/<name>/<version>`` is used by all 
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import secrets
 import string
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -75,10 +75,12 @@ def _kind(class_path: str) -> str:
     """'versioned' (CSV, TensorBoard), 'wandb' or 'other' (left as configured)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
+    # Only a module already imported is read: jsonargparse imported the logger class while parsing, and placing it
+    # must never import what a config file names.
     module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        cls = getattr(sys.modules[module], name)
+    except (KeyError, AttributeError):
         return "other"
     if isinstance(cls, type) and issubclass(cls, (CSVLogger, TensorBoardLogger)):
         return "versioned"
