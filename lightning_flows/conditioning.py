@@ -9,6 +9,7 @@ a caller passes and draw them where the caller leaves them out, with the same er
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -68,10 +69,32 @@ def log_uniform_prior(num_classes: int) -> float:
     return -math.log(num_classes)
 
 
+def log_prob_every_class(log_prob_given: Callable[[Tensor, Tensor], Tensor], x: Tensor, num_classes: int,
+                         rows_per_pass: int) -> Tensor:
+    """``log p(x | y = k)`` for every class ``k``: ``x: (B, *shape)`` -> ``(B, K)`` nats, from
+    ``log_prob_given(rows, labels) -> (rows,)``. The classes run as batches of class-major copies of ``x`` (copy ``j``
+    scored as the pass's ``j``-th class), at most ``rows_per_pass`` rows a pass (at least one class)."""
+    b = x.shape[0]
+    classes_per_pass = max(1, rows_per_pass // max(b, 1))
+    columns = []
+    for first in range(0, num_classes, classes_per_pass):
+        classes = torch.arange(first, min(first + classes_per_pass, num_classes), device=x.device)
+        rows = x.expand(len(classes), *x.shape).reshape(-1, *x.shape[1:])
+        columns.append(log_prob_given(rows, classes.repeat_interleave(b)).view(len(classes), b).T)
+    return torch.cat(columns, dim=1)
+
+
+def marginalise_classes(every_class: Tensor) -> Tensor:
+    """``(B, K)`` per-class ``log p(x | k)`` -> ``(B,)`` ``log p(x) = logsumexp_k [log p(x | k) + log p(k)]`` under
+    the uniform class prior."""
+    return torch.logsumexp(every_class, dim=1) + log_uniform_prior(every_class.shape[1])
+
+
 def one_hot(y: Tensor, num_classes: int, like: Tensor) -> Tensor:
     """``y: (B,)`` -> ``(B, num_classes)`` one-hot rows in ``like``'s dtype and device."""
     return torch.nn.functional.one_hot(y.to(like.device), num_classes).to(like.dtype)
 
 
-__all__ = ["CONDITIONAL_DATA_FIX", "check_labels", "check_no_guidance", "check_num_classes", "log_uniform_prior",
+__all__ = ["CONDITIONAL_DATA_FIX", "check_labels", "check_no_guidance", "check_num_classes", "log_prob_every_class",
+           "log_uniform_prior", "marginalise_classes",
            "one_hot", "require_labels", "sampling_labels"]

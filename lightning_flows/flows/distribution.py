@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_flows.conditioning import log_uniform_prior, one_hot
+from lightning_flows.conditioning import log_prob_every_class, marginalise_classes, one_hot
 from lightning_flows.flows.base import Bijection, flatten_sum, with_context
 
 # Rows of one pass of the per-class marginal (K copies of the batch): bounds its activation memory.
@@ -60,11 +60,6 @@ class ClassConditionalNormal(nn.Module):
         self.shape, self.num_classes = tuple(int(s) for s in shape), int(num_classes)
         self.loc = nn.Parameter(torch.zeros(self.num_classes, *self.shape))
         self.log_scale = nn.Parameter(torch.zeros(self.num_classes, *self.shape))
-
-    @property
-    def log_class_prior(self) -> float:
-        """``log p(y)`` of the uniform class prior (the same for every class)."""
-        return log_uniform_prior(self.num_classes)
 
     def log_prob(self, z: Tensor, y: Tensor) -> Tensor:
         """``log p(z | y)``: ``z: (B, *shape)``, ``y: (B,)`` long -> ``(B,)`` nats."""
@@ -146,17 +141,11 @@ class NormalizingFlow(nn.Module):
         if not self.conditional_bijection:  # one pass: only the base depends on the class
             z, log_det = self.bijection(x)
             return self.base.log_prob_every_class(z) + log_det[:, None]
-        b, k = x.shape[0], self.num_classes
-        classes_per_pass = max(1, MARGINAL_ROWS_PER_PASS // max(b, 1))
-        columns = []
-        for first in range(0, k, classes_per_pass):
-            classes = torch.arange(first, min(first + classes_per_pass, k), device=x.device)
-            # Class-major rows: copy j of the batch is scored as class classes[j].
-            labels = classes.repeat_interleave(b)
-            rows = x.expand(len(classes), *x.shape).reshape(-1, *x.shape[1:])
+        def log_prob_given(rows: Tensor, labels: Tensor) -> Tensor:
             z, log_det = self(rows, labels)
-            columns.append((self.base.log_prob(z, labels) + log_det).view(len(classes), b).T)
-        return torch.cat(columns, dim=1)
+            return self.base.log_prob(z, labels) + log_det
+
+        return log_prob_every_class(log_prob_given, x, self.num_classes, MARGINAL_ROWS_PER_PASS)
 
     def marginal_log_prob(self, x: Tensor) -> Tensor:
         """``log p(x) = logsumexp_k [log p(x | k) + log p(k)]``: ``(B, *shape)`` -> ``(B,)`` nats."""
@@ -164,7 +153,7 @@ class NormalizingFlow(nn.Module):
 
     def marginalise(self, every_class: Tensor) -> Tensor:
         """``(B, K)`` per-class log-densities -> ``(B,)`` ``logsumexp_k [log p(x | k) + log p(k)]``."""
-        return torch.logsumexp(every_class, dim=1) + self.base.log_class_prior
+        return marginalise_classes(every_class)
 
     def sample(self, n: int, temperature: float = 1.0, y: Tensor | None = None) -> Tensor:
         """``n`` draws ``(n, *shape)``; a conditional flow draws class ``y[i]`` for row ``i`` (``y: (n,)``)."""

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, require_labels,
-                                          sampling_labels)
+from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, log_prob_every_class,
+                                          marginalise_classes, require_labels, sampling_labels)
 from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
@@ -177,8 +177,7 @@ class CNF(GenerativeModel):
         if y is not None:
             y = check_labels("CNF", self.num_classes, y, x.shape[0]).to(x.device)
         elif self.num_classes:
-            return torch.logsumexp(self.log_prob_every_class(x, solver, divergence), dim=1) + \
-                self.class_base.log_class_prior
+            return marginalise_classes(self.log_prob_every_class(x, solver, divergence))
         z, log_det = self._to_ode_space(x)
         field, base_log_prob = self._labelled(y)
         result = ode_log_likelihood(field, z, solver or self.test_solver,
@@ -193,17 +192,17 @@ class CNF(GenerativeModel):
         one solve of ``K * B`` rows (in passes of at most ``MARGINAL_ROWS_PER_PASS`` rows)."""
         if not self.num_classes:
             raise ValueError("this CNF is unconditional (num_classes=0): it has no per-class densities.")
-        b, k = x.shape[0], self.num_classes
-        classes_per_pass = max(1, MARGINAL_ROWS_PER_PASS // max(b, 1))
-        columns, nfe = [], 0
-        for first in range(0, k, classes_per_pass):
-            classes = torch.arange(first, min(first + classes_per_pass, k), device=x.device)
-            labels = classes.repeat_interleave(b)  # class-major: copy j of the batch is scored as classes[j]
-            rows = x.expand(len(classes), *x.shape).reshape(-1, *x.shape[1:])
-            columns.append(self.log_prob(rows, labels, solver, divergence).view(len(classes), b).T)
-            nfe += self.last_log_prob_nfe
+        nfe = 0
+
+        def log_prob_given(rows: Tensor, labels: Tensor) -> Tensor:
+            nonlocal nfe
+            log_p = self.log_prob(rows, labels, solver, divergence)
+            nfe += self.last_log_prob_nfe  # every pass's solve counts
+            return log_p
+
+        every_class = log_prob_every_class(log_prob_given, x, self.num_classes, MARGINAL_ROWS_PER_PASS)
         self.last_log_prob_nfe = nfe
-        return torch.cat(columns, dim=1)
+        return every_class
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 1.0,
@@ -253,7 +252,7 @@ class CNF(GenerativeModel):
             every_class = self.log_prob_every_class(x)
             self.log(f"{stage}/nll_given_class", -every_class.gather(1, y[:, None].to(x.device)).mean(),
                      sync_dist=True, batch_size=size)
-            nll = -(torch.logsumexp(every_class, dim=1) + self.class_base.log_class_prior).mean()
+            nll = -marginalise_classes(every_class).mean()
         self.log(f"{stage}/loss", nll, sync_dist=True, batch_size=size)
         self.log(f"{stage}/nfe", float(self.last_log_prob_nfe), sync_dist=True, batch_size=size)
         return nll

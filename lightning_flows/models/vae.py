@@ -43,7 +43,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, log_uniform_prior,
+from lightning_flows.conditioning import (check_labels, check_no_guidance, check_num_classes, marginalise_classes,
                                          one_hot, require_labels, sampling_labels)
 from lightning_flows.data.quantisation import bin_centre, bin_index, dequantise, piecewise_constant_log_density
 from lightning_flows.models.base import GenerativeModel
@@ -230,7 +230,7 @@ class VAE(GenerativeModel):
             return self.iwae_bound(x, self.iwae_k)
         per_class = [self.iwae_bound(x, self.iwae_k, torch.full((x.shape[0],), c, device=x.device))
                      for c in range(self.num_classes)]
-        return torch.logsumexp(torch.stack(per_class), dim=0) + log_uniform_prior(self.num_classes)
+        return marginalise_classes(torch.stack(per_class, dim=1))
 
     def likelihood_traits(self) -> dict:
         """What ``log_prob`` is, for the evaluator's labels (:mod:`lightning_flows.evaluation.likelihood_labels`):

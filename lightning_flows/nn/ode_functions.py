@@ -124,13 +124,15 @@ class ConcatSquashMLP(nn.Module):
         self.class_shifts = nn.ParameterList(nn.Parameter(torch.zeros(self.num_classes, width))
                                              for width in widths[1:]) if self.num_classes else None
 
-    def _class_shift(self, i: int, y: Tensor | None) -> Tensor | float:
-        """Layer ``i``'s shift for labels ``y: (B,)``, ``(B, width)``; 0 without labels."""
+    def _shifted(self, i: int, pre: Tensor, y: Tensor | None) -> Tensor:
+        """Layer ``i``'s pre-activation ``(B, width)`` plus the shift of labels ``y: (B,)``; unchanged (no extra op
+        in the ODE function of an unconditional field) without labels. The shift is gathered here, inside the
+        field, so that the adjoint method differentiates it."""
         if y is None:
-            return 0.0
+            return pre
         if self.class_shifts is None:
             raise ValueError("this field is unconditional (num_classes=0): call it without class labels.")
-        return self.class_shifts[i][y]
+        return pre + self.class_shifts[i][y]
 
     @staticmethod
     def _time(t: Tensor | float, x: Tensor) -> Tensor:
@@ -143,7 +145,7 @@ class ConcatSquashMLP(nn.Module):
         t = self._time(t, x)
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
-            h = layer(h, t) + self._class_shift(i, y)
+            h = self._shifted(i, layer(h, t), y)
             if i < len(self.layers) - 1:
                 h = self.act(h)
         return h.reshape(x.shape)
@@ -170,7 +172,7 @@ class ConcatSquashMLP(nn.Module):
         gates, slopes = [], []
         for i, layer in enumerate(self.layers):
             gate, shift = layer.gate_and_shift(t)
-            pre = layer.linear(h) * gate + shift + self._class_shift(i, y)
+            pre = self._shifted(i, layer.linear(h) * gate + shift, y)
             gates.append(gate if gate.ndim == 1 else gate[:, None, :])  # broadcast over the tangents
             if i < len(self.layers) - 1:
                 h = self.act(pre)
