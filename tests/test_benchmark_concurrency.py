@@ -162,3 +162,15 @@ def test_sigterm_stops_the_suite_after_the_batch_without_publishing_the_run(tmp_
     assert not (out / "runs").exists() or not list((out / "runs").iterdir())
     assert json.loads((out / "results.json").read_text())["runs"] == []
     assert "stopped: a stop signal" in (out / "table.md").read_text()
+
+
+def test_a_wall_clock_suite_under_ddp_publishes_the_run_the_timer_ends_on_both_ranks(tmp_path):
+    """A suite whose budget is time (``trainer.max_time``, as toy_nll.yaml) on 2 gloo ranks: rank zero's clock ends
+    training for both, both agree the budget was spent (a rank that failed the run alone would hang the other), and
+    the run is published with the steps it made."""
+    trainer = {**SUITE["trainer"], "max_time": "00:00:00:03"}
+    datasets = {"8gaussians": {**SUITE["datasets"]["8gaussians"], "steps": 10 ** 7}}
+    suite, out = _suite(tmp_path, models=["realnvp"], seeds=[0], trainer=trainer, datasets=datasets), tmp_path / "out"
+    _finish(_start(suite, out, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["devices"] == 2 and 0 < run["global_step"] < 10 ** 7
