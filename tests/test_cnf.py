@@ -184,3 +184,68 @@ def test_cnf_likelihood_solver_is_its_test_solver():
     one_euler_step = model.log_prob(x)
     torch.testing.assert_close(one_euler_step, model.log_prob(x, solver=SolverConfig("euler", steps=1)))
     assert not torch.allclose(one_euler_step, model.log_prob(x, solver=SolverConfig("rk4", steps=8)))
+
+
+# --- dropout (issue 21: the digits CNF overfits its 1,437 training images) ----------------------------------------
+
+@pytest.mark.parametrize("frobenius", [False, True])
+def test_closed_form_divergence_with_dropout_masks_is_the_brute_force_jacobian_trace_of_the_masked_field(frobenius):
+    """With one solve's masks the field is an ordinary smooth field (its sub-network): the closed-form trace and
+    Frobenius norm equal the autograd Jacobian's, and Hutchinson's estimate averages to the trace."""
+    from lightning_flows.nn.ode_functions import BoundField, ConcatSquashMLP
+    from lightning_flows.ode.divergence import exact_divergence
+
+    torch.manual_seed(0)
+    field = ConcatSquashMLP((5,), hidden=12, depth=3, dropout=0.5).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    masks = field.draw_dropout_masks(4, x)
+    assert len(masks) == 3 and all(m.shape == (4, 12) for m in masks)
+    assert set(torch.cat(masks).unique().tolist()) == {0.0, 2.0}  # inverted dropout: kept units scaled by 1/(1-p)
+    bound = BoundField(field, masks=masks)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    v, div, fro = bound.velocity_and_divergence(x, t, frobenius=frobenius)
+    def row_jacobian(i):  # row i's field, with row i's masks
+        row_field = BoundField(field, masks=[m[i:i + 1] for m in masks])
+        return torch.autograd.functional.jacobian(lambda row: row_field(row[None], t)[0], x[i])
+
+    jac = torch.stack([row_jacobian(i) for i in range(len(x))])
+    torch.testing.assert_close(v, bound(x, t))
+    torch.testing.assert_close(div, jac.diagonal(dim1=1, dim2=2).sum(1))
+    torch.testing.assert_close(div, exact_divergence(lambda z: bound(z, t), x)[1])
+    assert not torch.allclose(v, field(x, t))  # the masks change the field
+    if frobenius:
+        torch.testing.assert_close(fro, jac.pow(2).sum((1, 2)))
+    probes = torch.randint(0, 2, (4000, 4, 5), dtype=torch.float64) * 2 - 1
+    estimates = torch.stack([bound.velocity_and_divergence(x, t, probe=p)[1] for p in probes[:400]])
+    assert (estimates.mean(0) - div).abs().max() < 0.2 * div.abs().max() + 0.2
+
+
+def test_cnf_dropout_trains_on_masked_fields_and_evaluates_the_full_field():
+    """In training mode two loss calls on the same batch differ only through fresh masks (the exact trace, fixed
+    steps: nothing else is random); in eval mode the loss is deterministic, and log_prob never drops units."""
+    torch.manual_seed(0)
+    kwargs = dict(field="mlp", hidden=16, depth=2, train_divergence="exact",
+                  train_solver={"method": "rk4", "steps": 4, "max_nfe": 32},
+                  test_solver={"method": "rk4", "steps": 4, "max_nfe": 32})
+    model = CNF((3,), dropout=0.3, **kwargs)
+    plain = CNF((3,), **kwargs)
+    plain.load_state_dict(model.state_dict())  # dropout adds no parameters
+    x = torch.randn(8, 3)
+    model.train()
+    assert not torch.allclose(model.training_loss(x), model.training_loss(x))
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model.training_loss(x), model.training_loss(x))
+    torch.testing.assert_close(model.training_loss(x), plain.training_loss(x))
+    model.train()
+    torch.testing.assert_close(model.log_prob(x), plain.eval().log_prob(x))
+
+
+def test_cnf_dropout_rejects_bad_values_and_the_conv_field():
+    with pytest.raises(ValueError, match="dropout must lie in"):
+        CNF((3,), field="mlp", dropout=1.0)
+    with pytest.raises(ValueError, match="MLP field only"):
+        CNF((1, 4, 4), field="conv", dropout=0.1)
+    from lightning_flows.nn.ode_functions import ConcatSquashMLP
+    field = ConcatSquashMLP((3,), hidden=4, depth=2, dropout=0.2)
+    with pytest.raises(ValueError, match="draw them for the solve's batch"):
+        field(torch.randn(5, 3), 0.1, masks=field.draw_dropout_masks(4, torch.zeros(1)))

@@ -10,7 +10,7 @@ import torch
 
 import lightning_flows.models.cnf as cnf_module
 from lightning_flows.models import CNF
-from lightning_flows.nn.ode_functions import ConcatSquashMLP, LabelledField
+from lightning_flows.nn.ode_functions import ConcatSquashMLP, BoundField
 from lightning_flows.ode import SolverConfig
 from lightning_flows.ode.divergence import exact_divergence
 
@@ -50,7 +50,7 @@ def test_closed_form_divergence_of_the_labelled_field_is_the_brute_force_jacobia
         for shift in field.class_shifts:
             shift.normal_()
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
-    labelled = LabelledField(field, y)
+    labelled = BoundField(field, y)
     velocity, divergence, fro = labelled.velocity_and_divergence(x, torch.tensor(0.3, dtype=torch.float64),
                                                                  frobenius=frobenius, chunk_size=4)
     def one_example_jacobian(i: int) -> torch.Tensor:  # (6, 6), the example's own label
@@ -105,7 +105,7 @@ def test_samples_of_class_c_solve_the_class_c_ode_from_class_c_base_draws():
     x = model.sample(4, y)
     # Back through the class-y ODE to t = 0: the class-y base draw it came from.
     from lightning_flows.ode import integrate
-    z0 = integrate(LabelledField(model.field, y), x, SolverConfig(**TIGHT), 1.0, 0.0).states
+    z0 = integrate(BoundField(model.field, y), x, SolverConfig(**TIGHT), 1.0, 0.0).states
     base = model.class_base
     torch.testing.assert_close((z0 - base.loc[y]) / base.log_scale[y].exp(), eps, rtol=0, atol=1e-5)
     assert model.sample(7).shape == (7, 2)  # no labels: uniform classes drawn by the model

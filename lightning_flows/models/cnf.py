@@ -31,7 +31,7 @@ from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel, split_batch
-from lightning_flows.nn.ode_functions import ConcatConvField, ConcatSquashMLP, LabelledField
+from lightning_flows.nn.ode_functions import ConcatConvField, BoundField, ConcatSquashMLP
 from lightning_flows.ode import (
     DIVERGENCE_KINDS, PROBE_KINDS, SolverConfig, as_solver_config, integrate, ode_log_likelihood,
 )
@@ -41,9 +41,9 @@ FIELDS = ("auto", "mlp", "conv")
 
 
 def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: int, channels: int,
-                   activation: str, num_classes: int = 0) -> torch.nn.Module:
+                   activation: str, num_classes: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     """``auto`` picks the conv field for images ``(C, H, W)`` and the MLP for vectors; ``num_classes > 0`` gives
-    the class-conditional MLP field."""
+    the class-conditional MLP field, ``dropout > 0`` the MLP field with per-solve dropout."""
     if field not in FIELDS:
         raise ValueError(f"Unknown CNF field '{field}'. Choose one of: {', '.join(FIELDS)}.")
     if field == "auto":
@@ -52,8 +52,12 @@ def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: in
         if num_classes:
             raise ValueError("the class-conditional CNF conditions the MLP field only; set model.field: mlp "
                              "(or train the conv field unconditionally, data.conditional: false).")
+        if dropout:
+            raise ValueError("CNF dropout is implemented for the MLP field only; set model.field: mlp or "
+                             "model.dropout: 0.")
         return ConcatConvField(data_shape, channels=channels, depth=depth, activation=activation)
-    return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes)
+    return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes,
+                           dropout=dropout)
 
 
 class CNF(GenerativeModel):
@@ -78,6 +82,9 @@ class CNF(GenerativeModel):
             field need not spend its flow on the data's scale; its log-det joins ``log_prob``.
         num_classes: classes ``K`` of the class-conditional CNF (0: unconditional); linked from the DataModule by
             the CLI (``data.conditional: true``), never written in a config. Needs the MLP field.
+        dropout: share of the MLP field's hidden units dropped in each training solve (0: off), a regulariser
+            for small datasets. The masks are drawn once per solve and per example, so every training example
+            still follows one exact ODE (that of its sub-network); ``log_prob`` and ``sample`` use the full field.
     """
 
     likelihood = "exact"
@@ -90,7 +97,7 @@ class CNF(GenerativeModel):
                  test_divergence: str = "exact", probe: str = "rademacher", kinetic_weight: float = 0.0,
                  jacobian_weight: float = 0.0, trace_chunk_size: int | None = None, preprocess: str = "none",
                  logit_alpha: float = 0.05, normalize: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant", warmup_steps: int = 0, num_classes: int = 0):
+                 lr_schedule: str = "constant", warmup_steps: int = 0, num_classes: int = 0, dropout: float = 0.0):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.num_classes = check_num_classes(num_classes)
@@ -109,7 +116,8 @@ class CNF(GenerativeModel):
         self.train_divergence, self.test_divergence, self.probe = train_divergence, test_divergence, probe
         self.kinetic_weight, self.jacobian_weight = kinetic_weight, jacobian_weight
         self.trace_chunk_size = trace_chunk_size
-        self.field = make_ode_field(self.data_shape, field, hidden, depth, channels, activation, self.num_classes)
+        self.field = make_ode_field(self.data_shape, field, hidden, depth, channels, activation, self.num_classes,
+                                    dropout)
         # FFJORD models images in logit space (as RealNVP does): the ODE runs on z = logit(x); the
         # preprocessing's log-det joins log p, so log_prob stays a density in model space.
         (self.preprocess,) = preprocessing_layers(preprocess, self.data_shape, logit_alpha) or (None,)
@@ -122,18 +130,22 @@ class CNF(GenerativeModel):
         """The velocity ``f_theta(x, t)``: ``(B, *data_shape)`` -> same shape."""
         return self.field(x, t)
 
-    def _labelled(self, y: Tensor | None) -> tuple[torch.nn.Module, object]:
-        """The field and base log-density of ``log p(. | y)`` for labels ``y: (B,)``, or the unconditional ones."""
+    def _labelled(self, y: Tensor | None, masks: list[Tensor] | None = None) -> tuple[torch.nn.Module, object]:
+        """The field and base log-density of ``log p(. | y)`` for labels ``y: (B,)``, or the unconditional ones;
+        ``masks``: one training solve's dropout masks."""
+        field = self.field if y is None and masks is None else BoundField(self.field, y, masks)
         if y is None:
-            return self.field, standard_normal_log_prob
-        return LabelledField(self.field, y), lambda z: self.class_base.log_prob(z, y)
+            return field, standard_normal_log_prob
+        return field, lambda z: self.class_base.log_prob(z, y)
 
     def training_loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Mean NLL in nats, ``-log p(x)`` or (conditional) ``-log p(x | y)`` (training solver and divergence),
         plus the weighted RNODE penalties."""
         y = require_labels("CNF", self.num_classes, y, x.shape[0])
         z, log_det = self._to_ode_space(x)
-        field, base_log_prob = self._labelled(y)
+        # Like nn.Dropout, only in training mode; the conv field has no dropout (make_ode_field refuses it).
+        masks = self.field.draw_dropout_masks(z.shape[0], z) if self.training and self.hparams.dropout else None
+        field, base_log_prob = self._labelled(y, masks)
         result = ode_log_likelihood(field, z, self.train_solver, divergence=self.train_divergence,
                                     probe=self.probe, kinetic_energy=self.kinetic_weight > 0,
                                     jacobian_frobenius=self.jacobian_weight > 0, base_log_prob=base_log_prob,
@@ -214,7 +226,7 @@ class CNF(GenerativeModel):
         if labels is None:
             z0, field = torch.randn(n, *self.data_shape, device=self.device), self.field
         else:
-            z0, field = self.class_base.sample(labels), LabelledField(self.field, labels)
+            z0, field = self.class_base.sample(labels), BoundField(self.field, labels)
         solution = integrate(field, z0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
         z = solution.states

@@ -105,11 +105,21 @@ class ConcatSquashMLP(nn.Module):
             added to every layer's pre-activation (the one-hot label through a linear map, as the conditional
             couplings read it). The shifts start at zero, so the conditional field starts as the unconditional
             one, and they do not depend on ``x``, so the closed-form Jacobian below is unchanged.
+        dropout: probability of zeroing a hidden unit in training (0: off). A CNF's ODE must stay one ODE through a
+            solve, so the masks are drawn once per solve (:meth:`draw_dropout_masks`, one per example and hidden
+            layer) and passed in, never redrawn per evaluation: each training example then follows the exact ODE of
+            its own sub-network, whose divergence the closed form below still gives. Without masks (evaluation,
+            sampling) the full field runs; the masks are scaled by ``1 / (1 - dropout)`` so its units see the same
+            mean input.
     """
 
     def __init__(self, data_shape: Sequence[int], hidden: int = 64, depth: int = 3, activation: str = "softplus",
-                 num_classes: int = 0):
+                 num_classes: int = 0, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+        self.dropout = float(dropout)
+        self.hidden, self.depth = hidden, depth
         self.data_shape = tuple(data_shape)
         dim = 1
         for s in self.data_shape:
@@ -134,25 +144,45 @@ class ConcatSquashMLP(nn.Module):
             raise ValueError("this field is unconditional (num_classes=0): call it without class labels.")
         return pre + self.class_shifts[i][y]
 
+    def draw_dropout_masks(self, batch: int, like: Tensor) -> list[Tensor] | None:
+        """One training solve's dropout masks: ``depth`` tensors ``(batch, hidden)`` of 0 and ``1 / (1 - p)``, in
+        ``like``'s dtype and device; None when ``dropout`` is 0."""
+        if not self.dropout:
+            return None
+        keep = 1.0 - self.dropout
+        return [torch.bernoulli(like.new_full((batch, self.hidden), keep)) / keep for _ in range(self.depth)]
+
+    def _masked(self, i: int, h: Tensor, masks: list[Tensor] | None) -> Tensor:
+        """Hidden layer ``i``'s output ``(B, hidden)`` times its dropout mask (unchanged without masks)."""
+        if masks is None:
+            return h
+        if masks[i].shape != h.shape:
+            raise ValueError(f"dropout masks of shape {tuple(masks[i].shape)} do not match the hidden layer "
+                             f"{tuple(h.shape)}: draw them for the solve's batch with draw_dropout_masks.")
+        return h * masks[i]
+
     @staticmethod
     def _time(t: Tensor | float, x: Tensor) -> Tensor:
         """``()`` for one time shared by the batch (every ODE solve), else ``(B,)``."""
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         return t.reshape(()) if t.numel() == 1 else broadcast_time(t, x.shape[0], x)
 
-    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """``f(x, t)``, or ``f(x, t, y)`` for class labels ``y: (B,)`` (a field built with ``num_classes``)."""
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
+                masks: list[Tensor] | None = None) -> Tensor:
+        """``f(x, t)``, or ``f(x, t, y)`` for class labels ``y: (B,)`` (a field built with ``num_classes``); ``masks``
+        from :meth:`draw_dropout_masks` select one solve's sub-network."""
         t = self._time(t, x)
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
             h = self._shifted(i, layer(h, t), y)
             if i < len(self.layers) - 1:
-                h = self.act(h)
+                h = self._masked(i, self.act(h), masks)
         return h.reshape(x.shape)
 
     def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
                                 chunk_size: int | None = None, probe: Tensor | None = None,
-                                y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                                y: Tensor | None = None,
+                                masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``f(x, t)``, ``Tr(df/dx)`` and (``frobenius``) ``||df/dx||_F^2`` per example, in closed form.
 
         ``x: (B, *shape)`` -> ``((B, *shape), (B,), (B,) or None)``. Forward-mode differentiation by hand: tangents
@@ -176,7 +206,10 @@ class ConcatSquashMLP(nn.Module):
             gates.append(gate if gate.ndim == 1 else gate[:, None, :])  # broadcast over the tangents
             if i < len(self.layers) - 1:
                 h = self.act(pre)
-                slopes.append(_SLOPES[self.activation](pre, h)[:, None, :])
+                slope = _SLOPES[self.activation](pre, h)
+                if masks is not None:  # a dropped unit's output is a constant 0: it carries no tangent
+                    h, slope = self._masked(i, h, masks), slope * masks[i]
+                slopes.append(slope[:, None, :])
             else:
                 h = pre
 
@@ -202,24 +235,25 @@ class ConcatSquashMLP(nn.Module):
         return h.reshape(x.shape), divergence, fro
 
 
-class LabelledField(nn.Module):
-    """A class-conditional field with its labels fixed for one solve: ``(x, t) -> field(x, t, y)``.
+class BoundField(nn.Module):
+    """A :class:`ConcatSquashMLP` with its per-row inputs fixed for one solve: ``(x, t) -> field(x, t, y, masks)``.
 
-    The ODE solvers and :class:`lightning_flows.ode.AugmentedDynamics` call fields as ``f(x, t)``; this binds
-    ``y: (B,)`` (one label per row of the solve's state) and keeps the field's closed-form divergence. The field
-    is a submodule, so the adjoint method finds its parameters.
+    The ODE solvers and :class:`lightning_flows.ode.AugmentedDynamics` call fields as ``f(x, t)``; this binds class
+    labels ``y: (B,)`` and/or dropout masks (one per row of the solve's state; either may be None) and keeps the
+    field's closed-form divergence. The field is a submodule, so the adjoint method finds its parameters.
     """
 
-    def __init__(self, field: ConcatSquashMLP, y: Tensor):
+    def __init__(self, field: ConcatSquashMLP, y: Tensor | None = None, masks: list[Tensor] | None = None):
         super().__init__()
-        self.field, self.y = field, y
+        self.field, self.y, self.masks = field, y, masks
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        return self.field(x, t, self.y)
+        return self.field(x, t, self.y, self.masks)
 
     def velocity_and_divergence(self, x: Tensor, t: Tensor | float, frobenius: bool = False,
                                 chunk_size: int | None = None, probe: Tensor | None = None):
-        return self.field.velocity_and_divergence(x, t, frobenius, chunk_size, probe=probe, y=self.y)
+        return self.field.velocity_and_divergence(x, t, frobenius, chunk_size, probe=probe, y=self.y,
+                                                  masks=self.masks)
 
 
 class ConcatConvField(nn.Module):
