@@ -159,3 +159,15 @@ def test_iw_likelihood_is_reproducible_and_continuous_data_gets_no_iw():
     result = Evaluator(likelihood_only(max_likelihood_examples=500)).evaluate(model, dm)
     assert result["likelihood_label_exact"] == "exact" and not any("iw" in key for key in result)
     assert "bpd_discrete" not in result
+
+
+def test_a_family_named_likelihood_reads_as_one_label_without_nested_parentheses():
+    """MeanFlow names its likelihood "estimate, ODE of u(z, t, t)": on digits the label says what the value is once
+    and where it comes from once."""
+    from lightning_flows.evaluation.likelihood_labels import LikelihoodTraits, label
+
+    estimate = LikelihoodTraits(name="estimate, ODE of u(z, t, t)", value="estimate")
+    exact = LikelihoodTraits(name="exact, ODE of u(z, t, t)", value="exact", unbiased_density=True)
+    assert label(estimate, discrete=True) == "dequantised bound, unbiased estimate (Hutchinson), ODE of u(z, t, t)"
+    assert label(exact, discrete=True) == "dequantised bound, ODE of u(z, t, t)"
+    assert label(LikelihoodTraits(name="exact", value="exact"), discrete=True) == "dequantised bound"

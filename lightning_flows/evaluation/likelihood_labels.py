@@ -91,8 +91,9 @@ def label(traits: LikelihoodTraits, discrete: bool) -> str:
     name = "estimate (Hutchinson)" if traits.name == "estimate" else traits.name
     if not discrete or traits.on_levels or not traits.of_the_data:
         return name
-    # A family's own name for an exact value or an estimate (e.g. MeanFlow's "of u(z, t, t)") rides along.
-    detail = "" if traits.name in ("exact", "estimate") else f" ({traits.name})"
+    # A family's own name for an exact value or an estimate rides along, less the word the label already says
+    # (MeanFlow's "estimate, ODE of u(z, t, t)" -> "..., unbiased estimate (Hutchinson), ODE of u(z, t, t)").
+    detail = "" if traits.name in ("exact", "estimate") else ", " + traits.name.removeprefix(f"{traits.value}, ")
     if traits.value == "exact":
         return f"dequantised bound{detail}"
     if traits.value == "estimate":
