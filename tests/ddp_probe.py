@@ -1,13 +1,15 @@
-"""Run by tests/test_ddp.py: every family's committed config, a few steps on 2 CPU ranks (gloo) under DDP.
+"""Run by tests/test_ddp.py (the seven families) and tests/test_newfam_ddp.py (TarFlow and MeanFlow, unconditional and
+class-conditional): each run's committed config, a few steps on 2 CPU ranks (gloo) under DDP.
 
 Each family is one ``lightning-flows fit --config experiments/<dataset>/<family>.yaml --trainer.strategy ddp
 --trainer.devices 2`` (the CLI's own defaults included), shrunk to a few steps. Lightning's "ddp" strategy
 relaunches this script once per extra rank, exactly as it would for a user's script; later fits in the
 same script reuse the processes. For each family every rank saves to OUT/<family>_rank<r>.pt (the
 :class:`Record` callback) the batches it saw, the first normal draws its RNG would hand the model at every
-step (that step's noise), its weights when training started and when it ended.
+step (that step's noise), its weights when training started and when it ended (and the labels of a
+conditional run).
 
-Usage: python ddp_probe.py OUT STEPS [FAMILY ...]   (all families by default)
+Usage: python ddp_probe.py OUT STEPS [RUN ...]   (the seven families by default; any name of RUNS)
 """
 
 import sys
@@ -34,39 +36,59 @@ FAMILIES = {
     "flow_matching": ("experiments/toy2d/flow_matching.yaml", ["--model.init_args.hidden", "16"]),
 }
 
+TINY_TARFLOW = ["--model.init_args.network.width", "16", "--model.init_args.network.blocks", "2",
+                "--model.init_args.network.layers", "1"]
+TINY_UNET = ["--model.init_args.backbone.base_channels", "8", "--model.init_args.backbone.channel_mults", "[1, 2]"]
+CONDITIONAL = ["--data.conditional", "true"]
+# The two families beyond the lecture, with batches of 16 (their transformer / UNet steps are the slow ones).
+NEW_FAMILIES = {
+    "tarflow": ("experiments/digits/tarflow.yaml", TINY_TARFLOW),
+    "meanflow": ("experiments/toy2d/meanflow.yaml", ["--model.init_args.backbone.hidden", "16"]),
+    "tarflow_conditional": ("experiments/digits/tarflow.yaml", TINY_TARFLOW + CONDITIONAL),
+    # guidance folded into the target: the training step also evaluates the network's own velocities
+    "meanflow_conditional": ("experiments/digits/meanflow.yaml",
+                             TINY_UNET + CONDITIONAL + ["--model.init_args.guidance.scale", "2.0"]),
+}
+RUNS = {**FAMILIES, **NEW_FAMILIES}
+
 
 class Record(L.Callback):
-    """Per training batch: the batch and the next normal draws of the (already reseeded) RNG."""
+    """Per training batch: its examples (and labels) and the next normal draws of the (already reseeded) RNG."""
 
     def __init__(self, out: str):
         self.out = out
-        self.batches, self.noise, self.init = [], [], None
+        self.batches, self.labels, self.noise, self.init = [], [], [], None
 
     def on_fit_start(self, trainer, pl_module):
         self.init = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch.detach().clone())
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        self.batches.append(x.detach().clone())
+        if y is not None:
+            self.labels.append(y.clone())
         with torch.random.fork_rng():
             self.noise.append(torch.randn(4))
 
     def on_train_end(self, trainer, pl_module):
         torch.save({"batches": torch.stack(self.batches), "noise": torch.stack(self.noise), "init": self.init,
+                    "labels": torch.stack(self.labels) if self.labels else None,
                     "state_dict": pl_module.state_dict(), "world_size": trainer.world_size,
                     "global_step": trainer.global_step}, f"{self.out}_rank{trainer.global_rank}.pt")
 
 
-def fit_args(family: str, out: Path, steps: int) -> list[str]:
-    config, overrides = FAMILIES[family]
+def fit_args(run: str, out: Path, steps: int) -> list[str]:
+    config, overrides = RUNS[run]
     # GAN: one batch is two optimizer steps.
-    max_steps = 2 * steps if family == "gan" else steps
+    max_steps = 2 * steps if run == "gan" else steps
     return ["fit", "--config", str(ROOT / config), *overrides,
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.default_root_dir", str(out / family), "--trainer.logger.init_args.save_dir", str(out / family),
-            "--data.batch_size", "32", "--sample_grid.n", "16",
-            "--trainer.callbacks+=ddp_probe.Record", "--trainer.callbacks.out", str(out / family)]
+            "--trainer.default_root_dir", str(out / run), "--trainer.logger.init_args.save_dir", str(out / run),
+            "--data.batch_size", "16" if run in NEW_FAMILIES else "32",
+            "--sample_grid.n", "8" if run in NEW_FAMILIES else "16",
+            "--trainer.callbacks+=ddp_probe.Record", "--trainer.callbacks.out", str(out / run)]
 
 
 if __name__ == "__main__":
