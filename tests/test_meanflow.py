@@ -72,6 +72,51 @@ def test_the_jvp_target_equals_a_finite_difference_derivative_along_the_flow():
     torch.testing.assert_close(target, v + (b - a)[:, None] * finite, rtol=1e-6, atol=1e-7)
 
 
+def test_the_model_tangent_is_the_total_derivative_along_the_models_own_field():
+    """jvp_tangent: model moves z along u_theta(z, a, a) in the target's derivative (finite differences), keeps the
+    path's v in the target, and for the closed-form mean flow (whose instantaneous field is the marginal velocity)
+    its target is exactly the prediction, as the paper's is."""
+    torch.manual_seed(0)
+    net = TimeMLP(3, hidden=16, depth=2, interval_time=True).double()
+    u = lambda z, a, b: net(z, a, interval=b - a)  # noqa: E731
+    z, v = torch.randn(8, 3, dtype=torch.double), torch.randn(8, 3, dtype=torch.double)
+    a = torch.rand(8, dtype=torch.double) * 0.5
+    b = a + 0.4
+    w = u(z, a, a).detach()
+    _, target = mean_flow_target(u, z, a, b, v, tangent=w)
+    eps = 1e-6
+    finite = (u(z + eps * w, a + eps, b) - u(z - eps * w, a - eps, b)) / (2 * eps)
+    torch.testing.assert_close(target, v + (b - a)[:, None] * finite, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(target, mean_flow_target(u, z, a, b, v)[1])
+
+    model = gaussian_meanflow(jvp_tangent="model").double()
+    x1 = torch.randn(64, 2, dtype=torch.double)
+    exact = model.velocity
+    torch.manual_seed(1)
+    x0, a = torch.randn_like(x1), torch.rand(64, dtype=torch.double)
+    b = a + (1 - a) * torch.rand(64, dtype=torch.double)
+    z = (1 - a)[:, None] * x0 + a[:, None] * x1
+    marginal = exact(z, a, interval=torch.zeros_like(a))
+    prediction, target = mean_flow_target(lambda z_, a_, b_: exact(z_, a_, interval=b_ - a_), z, a, b, marginal,
+                                          tangent=model.instantaneous_velocity(z, a))
+    torch.testing.assert_close(target, prediction, rtol=1e-10, atol=1e-10)
+
+
+def test_the_model_tangent_costs_one_more_forward_and_trains():
+    calls = {"path": [], "model": []}
+    for tangent in calls:
+        torch.manual_seed(0)
+        model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 8, "depth": 1}, jvp_tangent=tangent)
+        model.velocity.register_forward_hook(lambda *_, kind=tangent: calls[kind].append(1))
+        loss = model.training_loss(torch.randn(16, 2))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in model.velocity.parameters() if p.requires_grad)
+    assert len(calls["model"]) == len(calls["path"]) + 1
+    with pytest.raises(ValueError, match="Unknown jvp_tangent 'teacher'"):
+        MeanFlow((2,), jvp_tangent="teacher")
+
+
 def test_with_r_equal_t_the_loss_and_its_gradient_are_flow_matchings():
     model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 16, "depth": 2}, times={"equal_share": 1.0},
                       loss={"power": 0.0})

@@ -88,14 +88,19 @@ def broadcast_to(t: Tensor, like: Tensor) -> Tensor:
 
 
 def mean_flow_target(average_velocity: AverageVelocity, z: Tensor, a: Tensor, b: Tensor,
-                     velocity: Tensor) -> tuple[Tensor, Tensor]:
+                     velocity: Tensor, tangent: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The prediction ``u_theta(z, a, b)`` (differentiable in the weights) and its MeanFlow target
-    ``sg(v + (b - a) (d/da) u_theta)`` from one ``torch.func.jvp`` along ``(v, 1, 0)``.
+    ``sg(v + (b - a) (d/da) u_theta)`` from one ``torch.func.jvp`` along ``(dz/da, 1, 0)``.
 
     ``average_velocity(z, a, b)``: ``z: (B, *shape)``, ``a, b: (B,)`` -> ``(B, *shape)``; ``velocity``: the
-    instantaneous velocity ``v`` at ``(z, a)`` used both in the tangent and in the target, ``(B, *shape)``.
+    instantaneous velocity ``v`` at ``(z, a)`` of the target, ``(B, *shape)``; ``tangent``: ``dz/da`` of the total
+    derivative, ``(B, *shape)``, by default ``velocity`` (the paper). ``d/da u`` is linear in the tangent, so any
+    tangent whose mean given ``z`` is the marginal velocity (the path's ``x1 - x0``, or a model of that mean such
+    as the network's own ``u_theta(z, a, a)``) aims at the same average velocity; the model's has no per-example
+    noise.
     """
-    u, du_da = torch.func.jvp(average_velocity, (z, a, b), (velocity, torch.ones_like(a), torch.zeros_like(b)))
+    tangent = velocity if tangent is None else tangent
+    u, du_da = torch.func.jvp(average_velocity, (z, a, b), (tangent, torch.ones_like(a), torch.zeros_like(b)))
     target = velocity + broadcast_to(b - a, z) * du_da
     return u, target.detach()
 

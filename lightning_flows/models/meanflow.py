@@ -49,7 +49,9 @@ from lightning_flows.nn.backbone_options import TimeBackboneOptions
 from lightning_flows.nn.class_conditioning import drop_labels, guided, null_labels
 from lightning_flows.ode import ode_log_likelihood
 
-__all__ = ["MeanFlow", "MeanFlowGuidance", "MeanFlowSampling", "sampling_steps"]
+__all__ = ["JVP_TANGENTS", "MeanFlow", "MeanFlowGuidance", "MeanFlowSampling", "sampling_steps"]
+
+JVP_TANGENTS = ("path", "model")
 
 
 @dataclass
@@ -99,6 +101,10 @@ class MeanFlow(GenerativeModel):
         sampling: :class:`MeanFlowSampling` (steps).
         likelihood_ode: :class:`ODELikelihoodOptions` of the instantaneous field's exact likelihood.
         guidance: :class:`MeanFlowGuidance` (conditional models).
+        jvp_tangent: ``dz/da`` in the target's total derivative: ``path`` (the paper: the path's ``x1 - x0``, one
+            noisy draw of the marginal velocity) or ``model`` (the network's own instantaneous velocity
+            ``u_theta(z, a, a)`` without gradient, as improved MeanFlow (Geng et al., Dec 2025) does: one more
+            forward per step, no per-example noise in the tangent). The target's ``v`` stays the path's.
         num_classes: classes of the labels (linked from a ``conditional: true`` DataModule); 0 = unconditional.
     """
 
@@ -110,9 +116,13 @@ class MeanFlow(GenerativeModel):
                  sampling: MeanFlowSampling | dict | None = None,
                  likelihood_ode: ODELikelihoodOptions | dict | None = None,
                  guidance: MeanFlowGuidance | dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant", warmup_steps: int = 0, num_classes: int = 0):
+                 lr_schedule: str = "constant", warmup_steps: int = 0, num_classes: int = 0,
+                 jvp_tangent: str = "path"):
         super().__init__(data_shape, lr, weight_decay, lr_schedule, warmup_steps)
         self.save_hyperparameters()
+        if jvp_tangent not in JVP_TANGENTS:
+            raise ValueError(f"Unknown jvp_tangent '{jvp_tangent}'. Choose one of: {', '.join(JVP_TANGENTS)}.")
+        self.jvp_tangent = jvp_tangent
         self.backbone_options = as_options(TimeBackboneOptions, backbone, "backbone")
         self.times = as_options(MeanFlowTimes, times, "times")
         self.loss_weighting = as_options(AdaptiveWeighting, loss, "loss")
@@ -169,8 +179,12 @@ class MeanFlow(GenerativeModel):
         if labels is not None:
             labels = drop_labels(labels, self.guidance.label_dropout, self.num_classes)
             velocity = self.guided_velocity(z, a, velocity, labels)
+        tangent = None
+        if self.jvp_tangent == "model":
+            with torch.no_grad():
+                tangent = self.instantaneous_velocity(z, a, labels)
         prediction, target = mean_flow_target(lambda z_, a_, b_: self.average_velocity(z_, a_, b_, labels),
-                                              z, a, b, velocity)
+                                              z, a, b, velocity, tangent)
         return adaptive_loss(prediction, target, self.loss_weighting)
 
     # ---- sampling ----
