@@ -59,36 +59,26 @@ def test_the_meanflow_identity_holds_for_the_closed_form_mean_velocity():
     assert (velocity - (b - a)[:, None] * du - prediction).abs().max() > 1e-2
 
 
-def test_the_jvp_target_equals_a_finite_difference_derivative_along_the_flow():
+@pytest.mark.parametrize("tangent", ["path", "model"])
+def test_the_jvp_target_equals_a_finite_difference_derivative_along_the_flow(tangent):
+    """d/da u(z_a, a, b) with z moving along the tangent: the path's v (the paper) or, with jvp_tangent: model, the
+    network's own u(z, a, a); the target's v is the path's either way."""
     torch.manual_seed(0)
     net = TimeMLP(3, hidden=16, depth=2, interval_time=True).double()
     u = lambda z, a, b: net(z, a, interval=b - a)  # noqa: E731
     z, v = torch.randn(8, 3, dtype=torch.double), torch.randn(8, 3, dtype=torch.double)
     a = torch.rand(8, dtype=torch.double) * 0.5
     b = a + 0.4
-    _, target = mean_flow_target(u, z, a, b, v)
-    eps = 1e-6  # d/da u(z_a, a, b) with z moving at velocity v: central differences
-    finite = (u(z + eps * v, a + eps, b) - u(z - eps * v, a - eps, b)) / (2 * eps)
-    torch.testing.assert_close(target, v + (b - a)[:, None] * finite, rtol=1e-6, atol=1e-7)
-
-
-def test_the_model_tangent_is_the_total_derivative_along_the_models_own_field():
-    """jvp_tangent: model moves z along u_theta(z, a, a) in the target's derivative (finite differences), keeps the
-    path's v in the target, and for the closed-form mean flow (whose instantaneous field is the marginal velocity)
-    its target is exactly the prediction, as the paper's is."""
-    torch.manual_seed(0)
-    net = TimeMLP(3, hidden=16, depth=2, interval_time=True).double()
-    u = lambda z, a, b: net(z, a, interval=b - a)  # noqa: E731
-    z, v = torch.randn(8, 3, dtype=torch.double), torch.randn(8, 3, dtype=torch.double)
-    a = torch.rand(8, dtype=torch.double) * 0.5
-    b = a + 0.4
-    w = u(z, a, a).detach()
-    _, target = mean_flow_target(u, z, a, b, v, tangent=w)
-    eps = 1e-6
+    w = v if tangent == "path" else u(z, a, a).detach()
+    _, target = mean_flow_target(u, z, a, b, v, tangent=None if tangent == "path" else w)
+    eps = 1e-6  # central differences
     finite = (u(z + eps * w, a + eps, b) - u(z - eps * w, a - eps, b)) / (2 * eps)
     torch.testing.assert_close(target, v + (b - a)[:, None] * finite, rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(target, mean_flow_target(u, z, a, b, v)[1])
 
+
+def test_the_model_tangent_targets_the_closed_form_mean_flow_exactly():
+    """For the closed-form mean flow, whose instantaneous field is the marginal velocity, the target with the model's
+    own tangent is exactly the prediction, as the paper's is."""
     model = gaussian_meanflow(jvp_tangent="model").double()
     x1 = torch.randn(64, 2, dtype=torch.double)
     exact = model.velocity
