@@ -31,6 +31,10 @@ FAMILIES = {
     "cnf": ("experiments/toy2d/cnf.yaml", ["--model.init_args.hidden", "16",
                                           "--model.init_args.sampler.method", "euler",
                                           "--model.init_args.sampler.steps", "4"]),
+    # the MLP field's dropout: masks drawn per rank from its own RNG, the replicas still identical
+    "cnf_dropout": ("experiments/toy2d/cnf.yaml", ["--model.init_args.hidden", "16", "--model.init_args.dropout", "0.2",
+                                                  "--model.init_args.sampler.method", "euler",
+                                                  "--model.init_args.sampler.steps", "4"]),
     "diffusion": ("experiments/toy2d/diffusion.yaml", ["--model.init_args.hidden", "16",
                                                       "--model.init_args.num_steps", "50"]),
     "flow_matching": ("experiments/toy2d/flow_matching.yaml", ["--model.init_args.hidden", "16"]),

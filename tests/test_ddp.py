@@ -11,7 +11,7 @@ import torch
 from subprocess_runs import python_env, run
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
-FAMILIES = ["vae", "gan", "realnvp", "glow", "cnf", "diffusion", "flow_matching"]
+FAMILIES = ["vae", "gan", "realnvp", "glow", "cnf", "cnf_dropout", "diffusion", "flow_matching"]
 STEPS = 3
 
 
