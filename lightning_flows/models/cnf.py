@@ -31,7 +31,7 @@ from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel, split_batch
-from lightning_flows.nn.ode_functions import ConcatConvField, BoundField, ConcatSquashMLP
+from lightning_flows.nn.ode_functions import BoundField, ConcatConvField, ConcatSquashMLP
 from lightning_flows.ode import (
     DIVERGENCE_KINDS, PROBE_KINDS, SolverConfig, as_solver_config, integrate, ode_log_likelihood,
 )
