@@ -219,6 +219,32 @@ def test_folded_guidance_targets_the_guided_velocity_for_kept_labels_only():
     assert plain.guided_velocity(z, a, v, labels) is v  # scale 1, mix 0: the plain conditional target
 
 
+def test_folded_guidance_reuses_its_conditional_velocity_as_the_model_tangent(monkeypatch):
+    # jvp_tangent: model needs u(z, a, a | labels), which folded guidance has just computed on the doubled batch:
+    # the objective must be the one with the tangent evaluated on its own, at one network call fewer.
+    torch.manual_seed(0)
+    model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 16, "depth": 1}, num_classes=2,
+                     guidance={"scale": 2.0, "mix": 0.3, "label_dropout": 0.5}, jvp_tangent="model",
+                     loss={"power": 0.0}).double()  # plain squared error: the adaptive weight's loss is ~1 for any target
+    with torch.no_grad():  # away from the initialisation, where the class embedding is zero (u(.|y) = u(.|null))
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    x, y = torch.randn(32, 2, dtype=torch.float64), torch.randint(2, (32,))
+    calls = []
+    forward = model.velocity.forward
+    monkeypatch.setattr(model.velocity, "forward", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    torch.manual_seed(1)
+    reused = model.training_loss(x, y)
+    reused_calls = len(calls)
+    guided_only = model._guided_velocity_and_own
+    monkeypatch.setattr(model, "_guided_velocity_and_own", lambda *args: (guided_only(*args)[0], None))
+    calls.clear()
+    torch.manual_seed(1)
+    separate = model.training_loss(x, y)
+    assert len(calls) == reused_calls + 1
+    torch.testing.assert_close(reused, separate)
+
+
 def test_the_conditional_objective_trains_the_class_embedding():
     torch.manual_seed(0)
     model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 16, "depth": 1}, num_classes=2,

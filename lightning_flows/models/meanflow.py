@@ -157,9 +157,17 @@ class MeanFlow(GenerativeModel):
     def guided_velocity(self, z: Tensor, a: Tensor, velocity: Tensor, labels: Tensor) -> Tensor:
         """The velocity of the guided target, ``w v + k u(z, a, a | y) + (1 - w - k) u(z, a, a | null)`` for kept
         labels and ``v`` where ``labels`` are the null class (dropped), ``(B, *data_shape)``."""
+        return self._guided_velocity_and_own(z, a, velocity, labels)[0]
+
+    def _guided_velocity_and_own(self, z: Tensor, a: Tensor, velocity: Tensor,
+                                 labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`guided_velocity`, and the model's own ``u(z, a, a | labels)`` (no graph) where folded guidance
+        computed it on the way (``None`` otherwise): the tangent ``jvp_tangent: model`` needs, so a guided
+        conditional model does not evaluate it twice. Rows whose label was dropped carry the null class, so the
+        conditional half of the doubled batch is ``u(z, a, a | labels)`` for every row."""
         options = self.guidance
         if not options.folded:
-            return velocity
+            return velocity, None
         with torch.no_grad():
             both = self.instantaneous_velocity(torch.cat([z, z]), torch.cat([a, a]),
                                                torch.cat([labels, null_labels(len(z), self.num_classes, z.device)]))
@@ -167,7 +175,7 @@ class MeanFlow(GenerativeModel):
         mixed = (options.scale * velocity + options.mix * conditional
                  + (1.0 - options.scale - options.mix) * unconditional)
         kept = broadcast_to(labels != self.num_classes, z)
-        return torch.where(kept, mixed, velocity)
+        return torch.where(kept, mixed, velocity), conditional
 
     def training_loss(self, x1: Tensor, y: Tensor | None = None) -> Tensor:
         """The MeanFlow objective on a data batch ``x1: (B, *data_shape)`` (labels ``y: (B,)`` for a conditional
@@ -176,13 +184,16 @@ class MeanFlow(GenerativeModel):
         x0 = torch.randn_like(x1)
         a, b = self.times(x1.shape[0], device=x1.device, dtype=x1.dtype)
         z, velocity = linear_path(x0, x1, a)
+        own = None  # u(z, a, a | labels), where folded guidance already evaluated it
         if labels is not None:
             labels = drop_labels(labels, self.guidance.label_dropout, self.num_classes)
-            velocity = self.guided_velocity(z, a, velocity, labels)
+            velocity, own = self._guided_velocity_and_own(z, a, velocity, labels)
         tangent = None
         if self.jvp_tangent == "model":
-            with torch.no_grad():
-                tangent = self.instantaneous_velocity(z, a, labels)
+            tangent = own
+            if tangent is None:
+                with torch.no_grad():
+                    tangent = self.instantaneous_velocity(z, a, labels)
         prediction, target = mean_flow_target(lambda z_, a_, b_: self.average_velocity(z_, a_, b_, labels),
                                               z, a, b, velocity, tangent)
         return adaptive_loss(prediction, target, self.loss_weighting)
