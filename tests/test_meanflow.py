@@ -225,7 +225,7 @@ def test_folded_guidance_reuses_its_conditional_velocity_as_the_model_tangent(mo
     torch.manual_seed(0)
     model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 16, "depth": 1}, num_classes=2,
                      guidance={"scale": 2.0, "mix": 0.3, "label_dropout": 0.5}, jvp_tangent="model",
-                     loss={"power": 0.0}).double()  # plain squared error: the adaptive weight's loss is ~1 for any target
+                     loss={"power": 0.0}).double()  # squared error: the adaptive weight's loss is ~1 for any target
     with torch.no_grad():  # away from the initialisation, where the class embedding is zero (u(.|y) = u(.|null))
         for parameter in model.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
