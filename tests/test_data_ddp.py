@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 from subprocess_runs import ROOT, cli, python_env, run
 from user_data import make_folder, make_npz
 
@@ -22,12 +22,6 @@ from lightning_flows.data import GenerativeDataModule
 
 BATCH = 8
 STOP_AFTER = 3  # batches of the first epoch before the "kill"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _levels(dm, x: torch.Tensor) -> torch.Tensor:
@@ -42,16 +36,15 @@ def _module(dataset: str, cache: str, streaming: bool) -> GenerativeDataModule:
 KINDS = ("folder", "npz", "streamed folder")
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for kind in KINDS:
-            dataset, cache, streaming = _dataset(Path(root), kind)
-            _serve(rank, dataset, cache, streaming, f"{root}/{kind.replace(' ', '_')}_rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank: int, world: int, root: str) -> None:
+    # The ranks are spawned (gloo_ranks.run_ranks), so the streamed loader's workers would be spawned too (each
+    # re-imports torch: ~15 s per epoch on a 2-core CPU); Lightning's ddp strategy launches its ranks as ordinary
+    # processes, whose loader workers fork, which is what users run.
+    mp.set_start_method("fork", force=True)
+    torch.set_num_threads(1)
+    for kind in KINDS:
+        dataset, cache, streaming = _dataset(Path(root), kind)
+        _serve(rank, dataset, cache, streaming, f"{root}/{kind.replace(' ', '_')}_rank{rank}.pt")
 
 
 def _dataset(root: Path, kind: str) -> tuple[str, str, bool]:
@@ -98,7 +91,7 @@ def ddp_served(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_data")
     make_npz(root / "a.npz", n=100)
     make_folder(root / "pets", 50)
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    run_ranks(_worker, str(root), directory=root)
     return root
 
 
