@@ -155,3 +155,9 @@ def test_testing_scores_the_likelihood_on_the_specs_split(digits, split):
     assert callback.last_result["likelihood_split"] == direct["likelihood_split"] == split
     assert callback.last_result["likelihood_examples"] == (300 if split == "train" else 180)
     assert callback.last_result["bpd_exact"] == pytest.approx(direct["bpd_exact"], rel=1e-6)
+    # Logged under names that say which split was scored: a train-split score never reads as test/bpd_exact.
+    suffix = "" if split == "test" else "_on_train"
+    assert callback.last_logged[f"test/bpd_exact{suffix}"] == pytest.approx(direct["bpd_exact"], rel=1e-6)
+    assert callback.last_logged[f"test/likelihood_examples{suffix}"] == callback.last_result["likelihood_examples"]
+    assert split == "test" or not any(name.startswith(("test/bpd", "test/nll")) and not name.endswith(suffix)
+                                      for name in callback.last_logged)

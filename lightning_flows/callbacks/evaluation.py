@@ -82,14 +82,19 @@ class EvaluationCallback(L.Callback):
         datamodule.setup()
         # Validation scores the val split; testing the spec's likelihood_split (default test: a user who sets
         # `--evaluation.spec.likelihood_split train` asks how the model does on its training data, e.g. to see
-        # overfitting, and gets exactly that, recorded as result["likelihood_split"]).
+        # overfitting, and gets exactly that, recorded as result["likelihood_split"] and logged as
+        # test/<name>_on_train, never under the test split's names).
         split = "val" if stage == "val" else self.spec.likelihood_split
         limit = likelihood_limit(trainer, stage, len(getattr(datamodule.splits, split)),
                                  self.spec.likelihood_batch_size)
         result = self.evaluator.evaluate(pl_module, datamodule, weights=weights_in_use(trainer),
                                          likelihood_split=split, max_likelihood_examples=limit)
+        names = metric_names(result)
+        if split != stage:  # e.g. `test` scoring the training split: its likelihoods say so in their names
+            scored = self.evaluator.last_likelihood_keys & names.keys()
+            names.update({key: f"{names[key]}_on_{split}" for key in scored})
         logged = {}
-        for key, name in metric_names(result).items():
+        for key, name in names.items():
             logged[f"{stage}/{name}"] = float(result[key])
             # Identical on every rank already (the evaluator reduces), so no further sync.
             pl_module.log(f"{stage}/{name}", float(result[key]), sync_dist=False)

@@ -148,6 +148,7 @@ class Evaluator:
         self.last_samples: Tensor | None = None  # the evaluated samples, model space, every rank
         self.last_rank_samples = 0  # how many of them this rank drew
         self.last_labels: Tensor | None = None  # the classes they were drawn for (class-conditional models)
+        self.last_likelihood_keys: set[str] = set()  # the keys of the last result that describe its likelihood split
 
     # ---- the entry point ----
     def evaluate(self, model, datamodule, weights: str = "training", likelihood_split: str | None = None,
@@ -170,10 +171,12 @@ class Evaluator:
                                            else 0)
         result: dict = {"weights": weights, "dataset": datamodule.dataset, "torch_threads": torch.get_num_threads()}
         try:
+            self.last_likelihood_keys = set()
             if spec.likelihood:
-                result.update(self._likelihood(model, datamodule, likelihood_split or spec.likelihood_split,
-                                               max_likelihood_examples or spec.max_likelihood_examples,
-                                               rank, world))
+                likelihood = self._likelihood(model, datamodule, likelihood_split or spec.likelihood_split,
+                                              max_likelihood_examples or spec.max_likelihood_examples, rank, world)
+                result.update(likelihood)
+                self.last_likelihood_keys = set(likelihood)
             if spec.quality or spec.timing:
                 result["sampling_seed"] = self._sampling_seed
                 result.update(self._samples(model, datamodule, rank, world))
