@@ -10,7 +10,8 @@ fixed-step solver and Hutchinson's trace; evaluation (``log_prob``, ``val/loss``
 ``test_solver`` with the exact trace, so the reported NLL is an exact likelihood of the model.
 
 Class-conditional (``num_classes = K > 0``, issue 21), conditioned the way the discrete flows are: the label shifts
-every layer of the MLP field, ``f(z, t, y)`` (:class:`~lightning_flows.nn.ode_functions.ConcatSquashMLP`), over a
+every layer of the field, ``f(z, t, y)`` (:class:`~lightning_flows.nn.ode_functions.ConcatSquashMLP` or
+:class:`~lightning_flows.nn.ode_functions.ConcatConvField`), over a
 learned per-class Gaussian base (:class:`~lightning_flows.flows.ClassConditionalNormal`). Training maximises the
 exact ``log p(x | y)``; ``log_prob(x, y)`` is exact and ``log_prob(x)`` the exact marginal
 ``logsumexp_y [log p(x | y) + log p(y)]`` with the uniform class prior: one ODE solve of the ``K`` classes batched
@@ -31,7 +32,7 @@ from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel, split_batch
-from lightning_flows.nn.ode_functions import BoundField, ConcatConvField, ConcatSquashMLP
+from lightning_flows.nn.ode_functions import BoundField, ConcatConvField, ConcatSquashMLP, LabelledField
 from lightning_flows.ode import (
     DIVERGENCE_KINDS, PROBE_KINDS, SolverConfig, as_solver_config, integrate, ode_log_likelihood,
 )
@@ -43,19 +44,17 @@ FIELDS = ("auto", "mlp", "conv")
 def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: int, channels: int,
                    activation: str, num_classes: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     """``auto`` picks the conv field for images ``(C, H, W)`` and the MLP for vectors; ``num_classes > 0`` gives
-    the class-conditional MLP field, ``dropout > 0`` the MLP field with per-solve dropout."""
+    the class-conditional field, ``dropout > 0`` the MLP field with per-solve dropout."""
     if field not in FIELDS:
         raise ValueError(f"Unknown CNF field '{field}'. Choose one of: {', '.join(FIELDS)}.")
     if field == "auto":
         field = "conv" if len(data_shape) == 3 else "mlp"
     if field == "conv":
-        if num_classes:
-            raise ValueError("the class-conditional CNF conditions the MLP field only; set model.field: mlp "
-                             "(or train the conv field unconditionally, data.conditional: false).")
         if dropout:
             raise ValueError("CNF dropout is implemented for the MLP field only; set model.field: mlp or "
                              "model.dropout: 0.")
-        return ConcatConvField(data_shape, channels=channels, depth=depth, activation=activation)
+        return ConcatConvField(data_shape, channels=channels, depth=depth, activation=activation,
+                               num_classes=num_classes)
     return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes,
                            dropout=dropout)
 
@@ -81,7 +80,7 @@ class CNF(GenerativeModel):
             mean and unit variance, then learned) between the data (after ``preprocess``) and the ODE, so the
             field need not spend its flow on the data's scale; its log-det joins ``log_prob``.
         num_classes: classes ``K`` of the class-conditional CNF (0: unconditional); linked from the DataModule by
-            the CLI (``data.conditional: true``), never written in a config. Needs the MLP field.
+            the CLI (``data.conditional: true``), never written in a config.
         dropout: share of the MLP field's hidden units dropped in each training solve (0: off), a regulariser
             for small datasets. The masks are drawn once per solve and per example, so every training example
             still follows one exact ODE (that of its sub-network); ``log_prob`` and ``sample`` use the full field.
@@ -130,10 +129,17 @@ class CNF(GenerativeModel):
         """The velocity ``f_theta(x, t)``: ``(B, *data_shape)`` -> same shape."""
         return self.field(x, t)
 
+    def _bound(self, y: Tensor | None, masks: list[Tensor] | None = None) -> torch.nn.Module:
+        """The field as ``f(x, t)`` with labels ``y: (B,)`` and/or dropout masks fixed for one solve (the MLP field
+        keeps its closed-form divergence; the conv field has no dropout)."""
+        if isinstance(self.field, ConcatSquashMLP):
+            return BoundField(self.field, y, masks)
+        return LabelledField(self.field, y)
+
     def _labelled(self, y: Tensor | None, masks: list[Tensor] | None = None) -> tuple[torch.nn.Module, object]:
         """The field and base log-density of ``log p(. | y)`` for labels ``y: (B,)``, or the unconditional ones;
         ``masks``: one training solve's dropout masks."""
-        field = self.field if y is None and masks is None else BoundField(self.field, y, masks)
+        field = self.field if y is None and masks is None else self._bound(y, masks)
         if y is None:
             return field, standard_normal_log_prob
         return field, lambda z: self.class_base.log_prob(z, y)
@@ -226,7 +232,7 @@ class CNF(GenerativeModel):
         if labels is None:
             z0, field = torch.randn(n, *self.data_shape, device=self.device), self.field
         else:
-            z0, field = self.class_base.sample(labels), BoundField(self.field, labels)
+            z0, field = self.class_base.sample(labels), self._bound(labels)
         solution = integrate(field, z0, solver or self.sampler, 0.0, 1.0)
         self.last_sample_nfe = solution.nfe
         z = solution.states

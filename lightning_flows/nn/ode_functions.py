@@ -235,12 +235,27 @@ class ConcatSquashMLP(nn.Module):
         return h.reshape(x.shape), divergence, fro
 
 
+class LabelledField(nn.Module):
+    """A field with class labels ``y: (B,)`` fixed for one solve: ``(x, t) -> field(x, t, y)``.
+
+    The ODE solvers and :class:`lightning_flows.ode.AugmentedDynamics` call fields as ``f(x, t)``; the labels are one
+    per row of the solve's state. Fields without a closed-form divergence (:class:`ConcatConvField`) get theirs from
+    the generic traces. The field is a submodule, so the adjoint method finds its parameters.
+    """
+
+    def __init__(self, field: nn.Module, y: Tensor | None = None):
+        super().__init__()
+        self.field, self.y = field, y
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        return self.field(x, t, self.y)
+
+
 class BoundField(nn.Module):
     """A :class:`ConcatSquashMLP` with its per-row inputs fixed for one solve: ``(x, t) -> field(x, t, y, masks)``.
 
-    The ODE solvers and :class:`lightning_flows.ode.AugmentedDynamics` call fields as ``f(x, t)``; this binds class
-    labels ``y: (B,)`` and/or dropout masks (one per row of the solve's state; either may be None) and keeps the
-    field's closed-form divergence. The field is a submodule, so the adjoint method finds its parameters.
+    As :class:`LabelledField`, binding class labels ``y: (B,)`` and/or dropout masks (one per row of the solve's
+    state; either may be None), and keeping the field's closed-form divergence.
     """
 
     def __init__(self, field: ConcatSquashMLP, y: Tensor | None = None, masks: list[Tensor] | None = None):
@@ -261,9 +276,12 @@ class ConcatConvField(nn.Module):
 
     Every layer is a same-size 3x3 convolution of ``[h, t]`` (``t`` as a constant channel), so the
     receptive field grows by 2 pixels per layer; ``depth`` hidden layers of ``channels`` channels.
+    ``num_classes = K > 0`` makes it class-conditional, ``f(x, t, y)``, as :class:`ConcatSquashMLP` is: a learned
+    shift per class and channel is added to every layer's output before its activation, starting at zero.
     """
 
-    def __init__(self, data_shape: Sequence[int], channels: int = 32, depth: int = 3, activation: str = "softplus"):
+    def __init__(self, data_shape: Sequence[int], channels: int = 32, depth: int = 3, activation: str = "softplus",
+                 num_classes: int = 0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"ConcatConvField needs image data of shape (C, H, W), got {tuple(data_shape)}; "
@@ -272,13 +290,23 @@ class ConcatConvField(nn.Module):
         widths = [c] + [channels] * depth + [c]
         self.convs = nn.ModuleList(nn.Conv2d(a + 1, b, 3, padding=1) for a, b in zip(widths[:-1], widths[1:]))
         self.act = make_field_activation(activation)
+        self.num_classes = int(num_classes)
+        # From zeros after the convolutions: no random draws, so the convolutions start as the unconditional
+        # field's do (and num_classes = 0 keeps its state dict).
+        self.class_shifts = nn.ParameterList(nn.Parameter(torch.zeros(self.num_classes, width))
+                                             for width in widths[1:]) if self.num_classes else None
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """``f(x, t)``, or ``f(x, t, y)`` for class labels ``y: (B,)`` (a field built with ``num_classes``)."""
+        if y is not None and self.class_shifts is None:
+            raise ValueError("this field is unconditional (num_classes=0): call it without class labels.")
         t = broadcast_time(t, x.shape[0], x)
         t_channel = t[:, None, None, None].expand(x.shape[0], 1, *x.shape[2:])
         h = x
         for i, conv in enumerate(self.convs):
             h = conv(torch.cat([h, t_channel], dim=1))
+            if y is not None:
+                h = h + self.class_shifts[i][y][:, :, None, None]
             if i < len(self.convs) - 1:
                 h = self.act(h)
         return h
