@@ -142,7 +142,7 @@ def test_a_conditional_cnf_trains_on_labelled_batches_with_gradients_in_the_clas
     assert all(shift.grad.abs().sum() > 0 for shift in model.field.class_shifts)
 
 
-def test_labels_guidance_and_the_conv_field_are_checked_with_the_fix_named():
+def test_labels_and_guidance_are_checked_with_the_fix_named():
     plain = CNF((2,), hidden=8, depth=1)
     with pytest.raises(ValueError, match="data.conditional"):
         plain.log_prob(torch.randn(2, 2), torch.zeros(2, dtype=torch.long))

@@ -1,6 +1,6 @@
-"""Class-conditional GAN, RealNVP, Glow, NSF, CVAE and CNF under 2-rank gloo DDP on labelled (x, y) batches: the
-ranks see disjoint shards with each image's own label, draw different noise, train the class-specific weights and end
-identical."""
+"""Class-conditional GAN, RealNVP, Glow, NSF, CVAE and CNF (MLP and conv fields) under 2-rank gloo DDP on labelled
+(x, y) batches: the ranks see disjoint shards with each image's own label, draw different noise, train the
+class-specific weights and end identical."""
 
 import sys
 from pathlib import Path
@@ -15,7 +15,7 @@ STEPS = 3
 # per-class base and label projections in their coupling networks, the label's input channels of the CVAE encoder
 # and the label's inputs of its decoder (both in these first layers), the CNF's per-class field shifts and base.
 FLOW_CLASS_WEIGHTS = ["flow.base.loc", "flow.base.log_scale", ".conditioner.context."]
-CLASS_WEIGHTS = {"cnf": ["field.class_shifts.", "class_base."],
+CLASS_WEIGHTS = {"cnf": ["field.class_shifts.", "class_base."], "cnf_conv": ["field.class_shifts.", "class_base."],
                  "gan": ["class_projection."], "glow": FLOW_CLASS_WEIGHTS, "nsf": FLOW_CLASS_WEIGHTS,
                  "realnvp": FLOW_CLASS_WEIGHTS, "vae": ["encoder.features.0.", "decoder.project.0."]}
 
