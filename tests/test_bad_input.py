@@ -76,13 +76,20 @@ def test_unknown_model_option_names_the_family_its_options_and_the_closest(tmp_p
     ("gan", r"ConvDecoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
     ("vae", r"ConvEncoder needs images of shape \(C, H, W\), got \(2,\); use an MLP \(`network: mlp`\)"),
     ("diffusion", r"TimeUNet needs image data of shape \(C, H, W\).*\(2,\).*backbone: mlp"),
-    ("cnf", r"preprocess='logit' needs images in \[-1, 1\] of shape \(C, H, W\), got data_shape=\(2,\); use "
-            r"preprocess: none for vector data"),
+    ("cnf", r"ConcatConvField needs image data of shape \(C, H, W\), got \(2,\); use field: mlp for vector data"),
 ])
 def test_an_image_family_on_2d_data_names_the_vector_architecture(tmp_path, family, message):
     with pytest.raises(SystemExit, match="^error: " + message):
         main(["fit", "--config", str(ROOT / f"experiments/digits/{family}.yaml"), "--data.dataset", "8gaussians",
               *_dirs(tmp_path)])
+
+
+def test_the_cnf_with_the_vector_field_but_the_logit_preprocessing_names_that_fix_next(tmp_path):
+    """The digits CNF's second image-only setting, once its field is the MLP."""
+    with pytest.raises(SystemExit, match=r"^error: preprocess='logit' needs images in \[-1, 1\] of shape \(C, H, W\), "
+                                         r"got data_shape=\(2,\); use preprocess: none for vector data"):
+        main(["fit", "--config", str(ROOT / "experiments/digits/cnf.yaml"), "--data.dataset", "8gaussians",
+              "--model.init_args.field", "mlp", *_dirs(tmp_path)])
 
 
 def test_a_model_built_for_another_channel_count_names_both_shapes():
