@@ -1,7 +1,7 @@
 """The class-conditional digits configs of RealNVP, Glow, NSF, VAE, GAN (issue 14) and the CNF (issue 21): each is
 its family's digits recipe plus ``data.conditional: true`` (the discrete flows also an EMA of the weights, measured
-at the conditional suite's budget: issue 21 item 5; the CNF's recipe has one already), and fits through the CLI
-with ``num_classes`` linked from the DataModule."""
+at the conditional suite's budget: issue 21 item 5; the CNF's recipe has one already; the CNF keeps the MLP field,
+whose exact trace has a closed form), and fits through the CLI with ``num_classes`` linked from the DataModule."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
     logger = conditional["trainer"].get("logger")
     if logger is not None:  # its own run name, otherwise the same logger
         assert logger["init_args"].pop("name") == plain["trainer"]["logger"]["init_args"].pop("name") + "_conditional"
+    if family == "cnf":  # the conditional CNF keeps the MLP field (the conv field's 10-class exact trace: its file)
+        assert (plain["model"]["init_args"].pop("field"), plain["model"]["init_args"].pop("channels")) == ("conv", 16)
+        assert (conditional["model"]["init_args"].pop("field"),
+                conditional["model"]["init_args"].pop("hidden")) == ("mlp", 256)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
         assert "callbacks" not in plain["trainer"]
         ema = {"class_path": "lightning_flows.callbacks.EMACallback", "init_args": {"decay": 0.9999}}
