@@ -34,6 +34,9 @@ class AugmentedDynamics(nn.Module):
         kinetic_energy, jacobian_frobenius: append the RNODE accumulators ``E`` / ``F`` to the state.
         chunk_size: passed to :func:`exact_divergence` to bound its memory.
 
+    A velocity with a ``divergence_colouring(shape)`` method gives the exact trace its colouring (see
+    :func:`exact_divergence`).
+
     ``probe`` (``(B, *shape)``) is set by the caller once per solve and held fixed during it.
     """
 
@@ -64,7 +67,11 @@ class AugmentedDynamics(nn.Module):
             dz, div, fro = self.velocity.velocity_and_divergence(z, t, self.jacobian_frobenius, self.chunk_size,
                                                                  probe=probe)
         elif self.divergence == "exact":
-            dz, div, fro = exact_divergence(field_at_t, z, self.jacobian_frobenius, self.chunk_size)
+            # A field with a structurally sparse Jacobian (ConcatConvField) names the coordinates that never
+            # interact: the same exact trace in one pass per colour instead of one per coordinate.
+            colouring = getattr(self.velocity, "divergence_colouring", None)
+            colours = colouring(tuple(z.shape[1:])) if colouring is not None else None
+            dz, div, fro = exact_divergence(field_at_t, z, self.jacobian_frobenius, self.chunk_size, colours)
         else:
             dz, div, fro = hutchinson_divergence(field_at_t, z, self.probe, self.jacobian_frobenius)
         derivatives = [dz, -div]
