@@ -3,19 +3,24 @@ PIP ?= $(PYTHON) -m pip
 # Runs the benchmark trains at once, one process each with cores/JOBS threads.
 JOBS ?= 2
 
-.PHONY: install test test-slow benchmark lint
+.PHONY: install install-dev test test-slow benchmark lint
 
+# The benchmark needs the package alone; the tests also need the dev extras (pytest, ruff, litdata for the
+# streaming tests, which brings boto3 and friends), so `make benchmark` does not wait for those.
 install:
+	$(PIP) install -q -e .
+
+install-dev:
 	$(PIP) install -q -e ".[dev]"
 
-test: install
+test: install-dev
 	$(PYTHON) -m pytest -q
 
-test-slow: install
+test-slow: install-dev
 	$(PYTHON) -m pytest -q -m slow
 
 benchmark: install
 	$(PYTHON) -m lightning_flows.cli benchmark --suite experiments/suites/quick.yaml --out outputs/benchmark --jobs $(JOBS)
 
-lint: install
+lint: install-dev
 	$(PYTHON) -m ruff check lightning_flows tests

@@ -1,7 +1,8 @@
 """The class-conditional digits configs of RealNVP, Glow, NSF, VAE, GAN (issue 14) and the CNF (issue 21): each is
 its family's digits recipe plus ``data.conditional: true`` (the discrete flows also an EMA of the weights, measured
 at the conditional suite's budget: issue 21 item 5; the CNF's recipe has one already; the CNF keeps the MLP field,
-whose exact trace has a closed form), and fits through the CLI with ``num_classes`` linked from the DataModule."""
+whose exact trace has a closed form; RealNVP's coupling networks are twice as wide, for class accuracy), and fits
+through the CLI with ``num_classes`` linked from the DataModule."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
         assert (plain["model"]["init_args"].pop("field"), plain["model"]["init_args"].pop("channels")) == ("conv", 16)
         assert (conditional["model"]["init_args"].pop("field"),
                 conditional["model"]["init_args"].pop("hidden")) == ("mlp", 256)
+    if family == "realnvp":  # wider coupling networks for ten class densities (class accuracy: its file)
+        assert (plain["model"]["init_args"].pop("hidden"), conditional["model"]["init_args"].pop("hidden")) == (64, 128)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
         assert "callbacks" not in plain["trainer"]
         ema = {"class_path": "lightning_flows.callbacks.EMACallback", "init_args": {"decay": 0.9999}}

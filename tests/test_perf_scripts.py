@@ -210,3 +210,12 @@ def test_peers_benchmark_with_the_peers_installed(tmp_path):
                   "--flow-steps", "8"], timeout=580)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len([line for line in result.stdout.splitlines() if line.startswith("| ")]) == 6
+
+
+@pytest.mark.timeout(300)
+def test_trace_colouring_times_the_committed_field_both_ways(capsys):
+    row = _script("trace_colouring").measure(batch=3, repeats=1)
+    assert (row["coordinates"], row["colours"]) == (64, 25)  # 4 stacked 3x3 convolutions on 8x8
+    assert row["max_difference"] < 1e-5 and row["plain_s"] > 0 and row["coloured_s"] > 0
+    _script("trace_colouring").main(["--batch", "2", "--repeats", "1"])
+    assert "speed-up" in capsys.readouterr().out
