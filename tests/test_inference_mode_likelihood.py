@@ -38,8 +38,8 @@ def old_torch_in_inference_mode(monkeypatch):
 
     exact = dynamics.exact_divergence
 
-    def exact_divergence(f, z, frobenius=False, chunk_size=None):
-        out, divergence, fro = exact(f, z, frobenius, chunk_size)
+    def exact_divergence(f, z, frobenius=False, chunk_size=None, colouring=None):
+        out, divergence, fro = exact(f, z, frobenius, chunk_size, colouring)
         if torch.is_inference_mode_enabled():
             divergence = torch.zeros_like(divergence)
         return out, divergence, fro
