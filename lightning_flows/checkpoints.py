@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -141,11 +142,15 @@ def saved_options(checkpoint: dict, path: str | Path, key: str = "hyper_paramete
     return {k: v for k, v in values.items() if isinstance(k, str) and not k.startswith("_")}
 
 
-def cli_model_config(checkpoint: dict, path: str | Path) -> dict:
+def cli_model_config(checkpoint: dict, path: str | Path, typed: dict | None = None,
+                     overridden: Iterable[str] = ()) -> dict:
     """The model config ``--ckpt_path`` adopts: ``{"class_path": <an allow-listed family>, "dict_kwargs": ...}``.
 
     ``dict_kwargs`` are the saved options the family's ``__init__`` takes, as plain data (a pickled
     :class:`SolverConfig` becomes its dict), so the CLI parser never sees a name it could import.
+    ``overridden`` names the options the user typed on the command line (dotted: ``sampler.rtol``), whose values
+    ``typed`` (the parsed model options, plain data) holds: they win over the checkpoint's (to evaluate it with a
+    tighter solver, say). One that changes the weights' shapes is refused when the weights load, mismatch named.
     """
     cls = resolve_model_class(checkpoint, path)
     parameters = inspect.signature(cls.__init__).parameters
@@ -154,6 +159,15 @@ def cli_model_config(checkpoint: dict, path: str | Path) -> dict:
                            if dataclasses.is_dataclass(value) and not isinstance(value, type) else value)
     kwargs = {key: plain(value) for key, value in saved_options(checkpoint, path).items()
               if key != "self" and (takes_any or key in parameters)}
+    for dotted in overridden:
+        target, source, keys = kwargs, typed or {}, dotted.split(".")
+        for depth, key in enumerate(keys):
+            if key not in source:
+                break
+            if depth == len(keys) - 1 or not isinstance(target.get(key), dict) or not isinstance(source[key], dict):
+                target[key] = source[key]  # the typed leaf, or the whole option where the saved one is no dict
+                break
+            target, source = target[key], source[key]
     return {"class_path": model_class_name(cls), "dict_kwargs": kwargs}
 
 
@@ -186,7 +200,8 @@ def read_checkpoint_for(path: str | Path, model: GenerativeModel | None = None, 
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise CheckpointError(f"{path} holds {cls.__name__} weights of another configuration ({shown}). Resume "
                               f"with the config and model options of the run that wrote it (its config.yaml "
-                              f"sits in the run directory), or drop --ckpt_path to start afresh.")
+                              f"sits in the run directory; a model option typed on the command line replaces "
+                              f"the checkpoint's), or drop --ckpt_path to start afresh.")
     return checkpoint
 
 

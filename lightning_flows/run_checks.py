@@ -140,7 +140,7 @@ def _hpc_checkpoint(config) -> str:
     return str(versions[max(versions)])
 
 
-def check_ckpt_path(config) -> dict | None:
+def check_ckpt_path(config, typed: list[str] | tuple[str, ...] = ()) -> dict | None:
     """Resolve and read ``--ckpt_path`` before anything uses it: safely, and only if it holds the configured family.
 
     Every value ends as a local file read by :func:`lightning_flows.checkpoints.read_checkpoint` (``weights_only``,
@@ -150,10 +150,11 @@ def check_ckpt_path(config) -> dict | None:
     (:class:`~lightning_flows.callbacks.checkpointing.RunCheckpoint` picks among the experiment's checkpoints) and
     read through :class:`~lightning_flows.callbacks.checkpointing.AtomicCheckpointIO`, the same reader.
 
-    Returns the checkpoint read (``None`` for ``last``). Lightning's CLI (from 2.5.5) then replaces the config's
-    model options by the checkpoint's (the weights only fit the architecture they were trained with); a warning
-    lists the options that change. (Older versions build the configured model, and loading refuses weights of
-    another configuration.)
+    Returns the checkpoint read (``None`` for ``last``). Lightning's CLI (from 2.5.5) then replaces the config
+    file's model options by the checkpoint's (the weights only fit the architecture they were trained with); a
+    warning lists the options that change. Options ``typed`` on the command line (dotted names below
+    ``init_args``) keep their value and are not listed. (Older versions build the configured model, and loading
+    refuses weights of another configuration.)
     """
     from lightning_flows.checkpoints import (CheckpointError, local_checkpoint_path, read_checkpoint,
                                              resolve_model_class, saved_options)
@@ -183,9 +184,10 @@ def check_ckpt_path(config) -> dict | None:
     saved = saved_options(checkpoint, local)
     init_args = config.model.get("init_args") if configured else None
     given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    on_command_line = {option.split(".")[0] for option in typed}
     changed = [f"{key}={saved[key]!r} (config: {given[key]!r})" for key in given
-               if key in saved and key != "data_shape" and isinstance(given[key], (bool, int, float, str))
-               and given[key] != saved[key]]
+               if key in saved and key not in on_command_line and key != "data_shape"
+               and isinstance(given[key], (bool, int, float, str)) and given[key] != saved[key]]
     if changed:
         rank_zero_warn(f"--ckpt_path {local}: the checkpoint's model options replace the config's, since its weights "
                        f"need them: {', '.join(changed)}.")

@@ -45,6 +45,22 @@ SUBCOMMAND_HELP = {
 DISPATCHED_BEFORE_PARSING = ("sample", "benchmark")
 
 
+def command_line_model_options(args: list[str]) -> list[str]:
+    """The model options typed as ``--model.init_args.<option>[.<field>]`` (or ``--model.<option>``) in ``args``,
+    dotted below ``init_args``: ``["sampler.rtol", "hidden"]``. Whole ``--model`` values (a class, a file) are not
+    options typed one by one and are left to the config's rules."""
+    options = []
+    for token in args:
+        if not token.startswith("--model."):
+            continue
+        key = token[len("--model."):].split("=", 1)[0]
+        for prefix in ("init_args.", "dict_kwargs."):
+            key = key.removeprefix(prefix)
+        if key and key not in ("class_path", "init_args", "dict_kwargs", "help"):
+            options.append(key)
+    return options
+
+
 class FlowsCLI(LightningCLI):
     """LightningCLI with the DataModule's facts (example shape, quantisation levels; see
     :mod:`lightning_flows.data.facts`) linked into every model that takes them and, on every run: sample
@@ -102,15 +118,18 @@ class FlowsCLI(LightningCLI):
         if subcommand in DISPATCHED_BEFORE_PARSING:
             parser.error(f"'{subcommand}' takes its own options and must come first: {PROG} {subcommand} --help")
         self._checked_checkpoint = None
+        self._typed_model_options = command_line_model_options(list(sys.argv[1:] if args is None else args))
         if subcommand and self.config[subcommand].get("ckpt_path"):
-            self._checked_checkpoint = check_ckpt_path(self.config[subcommand])
+            self._checked_checkpoint = check_ckpt_path(self.config[subcommand], self._typed_model_options)
 
     def _parse_ckpt_path(self) -> None:
         """Adopt the model options of ``--ckpt_path`` (Lightning >= 2.5.5 calls this), from the file already
         checked by :func:`check_ckpt_path` and only as the allow-listed family it names.
 
         Replaces Lightning's version, which reloads the file and hands the class path the checkpoint names
-        (``hyper_parameters._class_path``) to the parser, which imports it: code a file could pick.
+        (``hyper_parameters._class_path``) to the parser, which imports it: code a file could pick. It also
+        drops every model option typed on the command line (``test --ckpt_path ... --model.init_args.sampler.rtol
+        1e-6`` evaluated at the saved tolerance); here those win over the checkpoint, which wins over config files.
         """
         checkpoint = getattr(self, "_checked_checkpoint", None)
         if checkpoint is None:  # no --ckpt_path, or `last` (read, with the same checks, when the trainer loads it)
@@ -118,7 +137,9 @@ class FlowsCLI(LightningCLI):
         from lightning_flows.checkpoints import cli_model_config
 
         subcommand = self.config.subcommand
-        model = cli_model_config(checkpoint, self.config[subcommand].ckpt_path)
+        init_args = self.config[subcommand].model.get("init_args")
+        typed = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        model = cli_model_config(checkpoint, self.config[subcommand].ckpt_path, typed, self._typed_model_options)
         try:
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
         except SystemExit:

@@ -209,7 +209,9 @@ def test_ckpt_path_refuses_a_truncated_foreign_or_other_family_checkpoint(checkp
 def test_ckpt_path_of_another_configuration_is_either_adopted_with_a_warning_or_refused(checkpoints, tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
-    args = ["fit", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+    hidden_32 = tmp_path / "hidden_32.yaml"  # a config file's option: the checkpoint's replaces it
+    hidden_32.write_text("model:\n  init_args:\n    hidden: 32\n")
+    args = ["fit", "--config", TOY, "--config", str(hidden_32), *QUIET, *_dirs(tmp_path),
             "--trainer.max_steps", "4", "--ckpt_path", str(checkpoints["fm16"])]
     if not hasattr(LightningCLI, "_parse_ckpt_path"):
         # Lightning < 2.5.5 builds the configured model; loading then refuses the other weights.
@@ -223,6 +225,40 @@ def test_ckpt_path_of_another_configuration_is_either_adopted_with_a_warning_or_
     (last,) = tmp_path.glob("**/last.ckpt")
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 4 and saved["hyper_parameters"]["hidden"] == 16
+
+
+def test_model_options_typed_on_the_command_line_win_over_the_checkpoint(checkpoints, tmp_path, monkeypatch):
+    """`test --ckpt_path X --model.init_args.sampler.rtol 1e-6` must evaluate at 1e-6: Lightning's own adoption
+    of the checkpoint's options drops what the user typed (Lightning-AI/pytorch-lightning#21455)."""
+    from lightning_flows.training import FlowsCLI, build_cli
+
+    monkeypatch.setattr(FlowsCLI, "_run_subcommand", lambda self, subcommand: None)  # the parsed model is the point
+    quiet = QUIET[:-2]  # without its --model.init_args.sampler.steps 2
+    cli = build_cli(["test", "--config", TOY, *quiet, *_dirs(tmp_path), "--ckpt_path", str(checkpoints["fm16"]),
+                     "--model.init_args.sampler.method", "rk4", "--model.init_args.sampler.rtol=0.001",
+                     "--model.init_args.lr", "0.5"])
+    assert (cli.model.sampler.method, cli.model.sampler.rtol, cli.model.hparams.lr) == ("rk4", 0.001, 0.5)
+    # the rest of the sampler and the architecture are still the checkpoint's: 2 steps and hidden 16 (the fixture
+    # typed them), where the config file says 50 and 128
+    assert cli.model.sampler.steps == 2 or not hasattr(FlowsCLI, "_parse_ckpt_path")
+    assert cli.model.hparams.hidden == 16 or not hasattr(FlowsCLI, "_parse_ckpt_path")
+
+
+def test_a_typed_model_option_the_checkpoints_weights_do_not_fit_is_refused(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*fm16.*last.ckpt holds FlowMatching weights of another "
+                                         r"configuration \(velocity\.\S+: \(16, \d+\) in the file, \(32, \d+\) in "
+                                         r"this model;.*a model option typed on the command line replaces"):
+        main(["test", "--config", TOY, *QUIET, *_dirs(tmp_path), "--model.init_args.hidden", "32",
+              "--ckpt_path", str(checkpoints["fm16"])])
+
+
+def test_command_line_model_options_are_read_as_dotted_names_below_init_args():
+    from lightning_flows.training import command_line_model_options
+
+    args = ["fit", "--config", "x.yaml", "--model.init_args.sampler.rtol", "1e-6", "--model.hidden=32",
+            "--model", "other.yaml", "--model.class_path", "X", "--data.batch_size", "4",
+            "--model.dict_kwargs.sigma", "0.1"]
+    assert command_line_model_options(args) == ["sampler.rtol", "hidden", "sigma"]
 
 
 def test_resuming_a_model_of_another_configuration_from_python_names_the_mismatch(checkpoints):
