@@ -7,7 +7,8 @@ with RNODE penalties).
 Each run uses the callbacks the CLI adds to every fit (per-rank step seeds, buffers synced at the end); Lightning's
 "ddp" strategy relaunches this script once per extra rank and later fits reuse the processes. For each family every
 rank saves to OUT/<family>_rank<r>.pt the batches (images and labels) it saw, the first normal draws its RNG would
-hand the model at every step, and its weights when training started and when it ended.
+hand the model at every step, its weights when training started and when it ended, and (CNFs) the exact likelihood
+of its share of the first examples.
 
 Usage: python cond_ddp_probe.py OUT STEPS [FAMILY ...]   (all families by default)
 """
@@ -23,6 +24,7 @@ from lightning_flows.callbacks import DistributedReplicas, PerStepSeed
 from lightning_flows.models import CNF, GAN, NSF, VAE, Glow, RealNVP
 
 CLASSES = 10
+LIKELIHOOD_EXAMPLES = 6  # the CNFs' exact log p(x | y) on the first examples, split between the ranks
 FAMILIES = {
     "cnf": lambda: CNF((1, 8, 8), field="mlp", hidden=8, depth=1, normalize=True, train_divergence="hutchinson",
                        train_solver={"method": "rk4", "steps": 2}, kinetic_weight=0.01, jacobian_weight=0.01,
@@ -68,9 +70,15 @@ def main(family: str, out: Path, steps: int) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[PerStepSeed(), DistributedReplicas(), record])
     trainer.fit(model, loader)
+    extra = {}
+    if isinstance(model, CNF):  # each rank's share of the exact likelihood (the conv field: its coloured trace)
+        model.eval()
+        share = slice(trainer.global_rank, LIKELIHOOD_EXAMPLES, trainer.world_size)
+        with torch.no_grad():
+            extra["exact_log_prob"] = model.log_prob(x[share], y[share])
     torch.save({"images": torch.stack(record.images), "labels": torch.stack(record.labels),
                 "noise": torch.stack(record.noise), "init": record.init, "state_dict": model.state_dict(),
-                "world_size": trainer.world_size, "global_step": trainer.global_step},
+                "world_size": trainer.world_size, "global_step": trainer.global_step, **extra},
                out / f"{family}_rank{trainer.global_rank}.pt")
 
 

@@ -53,3 +53,30 @@ def test_conditional_family_on_two_cpu_ranks_shards_labelled_batches_and_ends_id
         moved = [k for k, v in rank0["init"].items()
                  if prefix in k and v.is_floating_point() and not torch.equal(v, rank0["state_dict"][k])]
         assert moved, f"nothing named *{prefix}* was trained"
+
+
+@pytest.mark.timeout(450)
+@pytest.mark.parametrize("family", ["cnf", "cnf_conv"])
+def test_conditional_cnf_exact_likelihood_on_two_ranks_equals_one_process_and_the_brute_force_trace(ddp_runs, family):
+    """Each rank's exact log p(x | y) of its share (the conv field through its coloured trace) equals one process's on
+    the trained weights, and the conv field's equals the uncoloured trace's (one VJP per coordinate)."""
+    from cond_ddp_probe import FAMILIES, LIKELIHOOD_EXAMPLES
+
+    rank0, rank1 = (torch.load(ddp_runs / f"{family}_rank{r}.pt", weights_only=True) for r in (0, 1))
+    data = torch.Generator().manual_seed(1)
+    x = (torch.rand(256, 1, 8, 8, generator=data) * 2 - 1)[:LIKELIHOOD_EXAMPLES]
+    y = torch.randint(10, (256,), generator=data)[:LIKELIHOOD_EXAMPLES]
+    gathered = torch.empty(LIKELIHOOD_EXAMPLES)
+    gathered[0::2], gathered[1::2] = rank0["exact_log_prob"], rank1["exact_log_prob"]
+    model = FAMILIES[family]()
+    model.load_state_dict(rank0["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        single = model.log_prob(x, y)
+        assert torch.allclose(gathered, single, rtol=1e-5, atol=1e-4)
+        colouring = getattr(model.field, "divergence_colouring", None)
+        if family == "cnf_conv":
+            assert colouring is not None and int(colouring((1, 8, 8)).max()) + 1 < 64  # the trace is coloured
+            model.field.divergence_colouring = None  # AugmentedDynamics then takes one VJP per coordinate
+            assert torch.allclose(model.log_prob(x, y), single, rtol=1e-5, atol=1e-4)
+

@@ -25,6 +25,7 @@ Each returns ``(f(z), divergence, frobenius)`` where ``frobenius: (B,)`` is ``||
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Literal
 
 import torch
@@ -106,6 +107,7 @@ def exact_divergence(f: VectorField, z: Tensor, frobenius: bool = False, chunk_s
     return out, divergence, fro
 
 
+@lru_cache(maxsize=16)  # asked on every ODE function evaluation: one tensor per shape, shared (never modify it)
 def local_colouring(shape: tuple[int, ...] | torch.Size, radius: int) -> Tensor:
     """Colours ``(D,)`` for a field on images ``shape = (C, H, W)`` whose output pixel depends only on input pixels
     within ``radius`` rows and columns of it (``radius`` stacked 3x3 convolutions with padding 1), in every channel.
