@@ -13,8 +13,13 @@ install:
 install-dev:
 	$(PIP) install -q -e ".[dev]"
 
+# Two phases: the tests that start processes or read the clock (marked `serial` by tests/conftest.py) alone, the
+# rest on two pytest-xdist workers, a test file per worker (its module fixtures built once). Both phases always run;
+# the target fails if either does.
 test: install-dev
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not slow and not serial"; first=$$?; \
+	$(PYTHON) -m pytest -q -m "not slow and serial"; second=$$?; \
+	test $$first -eq 0 -a $$second -eq 0
 
 test-slow: install-dev
 	$(PYTHON) -m pytest -q -m slow
