@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -47,11 +48,17 @@ def _our_functions(function, depth: int):
     return seen
 
 
+@functools.lru_cache(maxsize=None)
+def _is_serial_function(function) -> bool:
+    """One test or fixture function (and what of ours it calls): read once, though hundreds of items share their
+    function (parametrized tests) or a fixture."""
+    return any(SERIAL_SOURCE.search(inspect.getsource(ours)) for ours in _our_functions(function, depth=2))
+
+
 def is_serial_code(functions) -> bool:
     """Whether any of ``functions`` (a test, its fixtures), or what of ours they call, starts processes, sends
     signals or reads the clock."""
-    return any(SERIAL_SOURCE.search(inspect.getsource(ours)) for function in functions
-               for ours in _our_functions(function, depth=2))
+    return any(_is_serial_function(function) for function in functions)
 
 
 def pytest_collection_modifyitems(config, items):
