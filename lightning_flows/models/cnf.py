@@ -32,13 +32,14 @@ from lightning_flows.flows.actnorm import ActNorm
 from lightning_flows.flows.distribution import MARGINAL_ROWS_PER_PASS, ClassConditionalNormal
 from lightning_flows.flows.preprocess import preprocessing_layers
 from lightning_flows.models.base import GenerativeModel, split_batch
-from lightning_flows.nn.ode_functions import BoundField, ConcatConvField, ConcatSquashMLP, LabelledField
+from lightning_flows.nn.ode_functions import (BoundField, ConcatConvField, ConcatSquashMLP, ConvPlusMLPField,
+                                              LabelledField)
 from lightning_flows.ode import (
     DIVERGENCE_KINDS, PROBE_KINDS, SolverConfig, as_solver_config, integrate, ode_log_likelihood,
 )
 from lightning_flows.ode.likelihood import standard_normal_log_prob
 
-FIELDS = ("auto", "mlp", "conv")
+FIELDS = ("auto", "mlp", "conv", "conv_mlp")
 
 
 def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: int, channels: int,
@@ -49,10 +50,13 @@ def make_ode_field(data_shape: Sequence[int], field: str, hidden: int, depth: in
         raise ValueError(f"Unknown CNF field '{field}'. Choose one of: {', '.join(FIELDS)}.")
     if field == "auto":
         field = "conv" if len(data_shape) == 3 else "mlp"
+    if field in ("conv", "conv_mlp") and dropout:
+        raise ValueError("CNF dropout is implemented for the MLP field only; set model.field: mlp or "
+                         "model.dropout: 0.")
+    if field == "conv_mlp":
+        return ConvPlusMLPField(data_shape, channels=channels, hidden=hidden, depth=depth, activation=activation,
+                                num_classes=num_classes)
     if field == "conv":
-        if dropout:
-            raise ValueError("CNF dropout is implemented for the MLP field only; set model.field: mlp or "
-                             "model.dropout: 0.")
         return ConcatConvField(data_shape, channels=channels, depth=depth, activation=activation,
                                num_classes=num_classes)
     return ConcatSquashMLP(data_shape, hidden=hidden, depth=depth, activation=activation, num_classes=num_classes,
@@ -63,7 +67,7 @@ class CNF(GenerativeModel):
     """FFJORD-style CNF with an exact likelihood.
 
     Args:
-        field: ``auto`` (conv for images, MLP for vectors), ``mlp`` or ``conv``.
+        field: ``auto`` (conv for images, MLP for vectors), ``mlp``, ``conv`` or ``conv_mlp`` (their sum, images).
         hidden, depth, channels, activation: field width (MLP), hidden layers, conv channels and a
             smooth activation (``softplus`` or ``tanh``).
         train_solver: solver of the training likelihood (keep it fixed-step or capped: backprop
