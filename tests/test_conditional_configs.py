@@ -40,10 +40,11 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
     logger = conditional["trainer"].get("logger")
     if logger is not None:  # its own run name, otherwise the same logger
         assert logger["init_args"].pop("name") == plain["trainer"]["logger"]["init_args"].pop("name") + "_conditional"
-    if family == "cnf":  # the conditional CNF keeps the MLP field (the conv field's 10-class exact trace: its file)
-        assert (plain["model"]["init_args"].pop("field"), plain["model"]["init_args"].pop("channels")) == ("conv", 16)
-        assert (conditional["model"]["init_args"].pop("field"),
-                conditional["model"]["init_args"].pop("hidden")) == ("mlp", 256)
+    if family == "cnf":  # the conditional CNF keeps the MLP part alone (the conv part's 10-class exact trace: its file)
+        assert (plain["model"]["init_args"].pop("field"), plain["model"]["init_args"].pop("channels")) == ("conv_mlp",
+                                                                                                           16)
+        assert conditional["model"]["init_args"].pop("field") == "mlp"
+        assert plain["model"]["init_args"]["hidden"] == conditional["model"]["init_args"]["hidden"] == 256
     if family == "realnvp":  # wider coupling networks for ten class densities (class accuracy: its file)
         assert (plain["model"]["init_args"].pop("hidden"), conditional["model"]["init_args"].pop("hidden")) == (64, 128)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
