@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from lightning_flows.benchmark.adopt import adopted_note
 from lightning_flows.benchmark.environment import describe_device
 from lightning_flows.benchmark.figures import bits_per_dim_bars, budget_curves, montage, quality_vs_cost
 from lightning_flows.benchmark.store import Store, atomic_write_bytes, atomic_write_text
@@ -103,6 +104,8 @@ def write_report(suite, rows: Sequence[dict], out: Path, environment: dict, logg
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"# Benchmark `{suite.name}`", "", _env_line(suite, environment, rows),
              f"{len(seeds)} seed(s) per model ({', '.join(map(str, seeds))}); {spread_note(entries)}", ""]
+    if adopted_note(rows):
+        parts += [adopted_note(rows), ""]
     if suite.description:
         parts += [suite.description.strip(), ""]
     parts += _partial_note(len(suite.runs), missing)

@@ -52,6 +52,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_flows.benchmark.adopt import adopt_results
 from lightning_flows.benchmark.environment import describe_device, environment
 from lightning_flows.benchmark.store import Holder, Store
 from lightning_flows.benchmark.suite import RunPlan, Suite, SuiteError, load_suite
@@ -510,10 +511,12 @@ def _failure_summary(failed: list[Outcome], total: int) -> str:
 
 def run_suite(suite_path: str | Path, out_dir: str | Path, only: list[str] | None = None, force: bool = False,
               extra: list[str] | None = None, logger: str = "csv", root: str | Path = ".",
-              jobs: int = 1) -> Path | None:
+              jobs: int = 1, adopt: str | Path | None = None) -> Path | None:
     """Run (or resume) a suite; returns the path of ``table.md`` on rank zero. ``jobs > 1`` trains that
-    many runs at once in separate processes (CPU machines; not with multi-device DDP). Raises
-    :class:`RunsFailed` (after writing the report) when a run failed."""
+    many runs at once in separate processes (CPU machines; not with multi-device DDP). ``adopt``: an earlier
+    report's results.json whose rows of unchanged runs become finished runs first
+    (:mod:`lightning_flows.benchmark.adopt`). Raises :class:`RunsFailed` (after writing the report) when a run
+    failed."""
     suite = load_suite(suite_path, root)
     store, extra = Store(out_dir), list(extra or [])
     every_plan = [plan.with_extra(extra) for plan in suite.runs]
@@ -521,6 +524,9 @@ def run_suite(suite_path: str | Path, out_dir: str | Path, only: list[str] | Non
     if not plans:
         raise SuiteError(f"--only {' '.join(only or [])} selects no run of suite '{suite.name}' (models: "
                          f"{', '.join(suite.models)}; datasets: {', '.join(suite.datasets)}).")
+    if adopt is not None and _is_rank_zero():
+        # Every run of the suite, not only --only's: the report shows them all. --force still retrains --only's.
+        say(adopt_results(store, every_plan, Path(adopt)).summary(Path(adopt)))
     session = _session(_is_rank_zero())
     announcements = RankZeroAnnouncements(store, session)
     if not _is_rank_zero():
@@ -627,6 +633,11 @@ def benchmark_main(argv: list[str]) -> Path | None:
     parser.add_argument("--out", default="outputs/benchmark", help="output directory")
     parser.add_argument("--only", nargs="*", help="train only these models or datasets (the report shows all)")
     parser.add_argument("--force", action="store_true", help="retrain runs that already have a result")
+    parser.add_argument("--adopt", metavar="RESULTS_JSON",
+                        help="first adopt the runs of an earlier report of this suite (its results.json, e.g. a "
+                             "committed snapshot) whose key equals this suite's: e.g. --only cnf --adopt "
+                             "experiments/results/standard/results.json retrains the CNF and reports it beside "
+                             "the snapshot's other runs")
     parser.add_argument("--dry-run", action="store_true",
                         help="build every model and DataModule on tiny fake data and print the plan")
     parser.add_argument("--jobs", type=int, default=1,
@@ -653,6 +664,7 @@ def benchmark_main(argv: list[str]) -> Path | None:
         if opts.dry_run:
             dry_run(load_suite(opts.suite), Path(opts.out), extra)
             return None
-        return run_suite(opts.suite, opts.out, opts.only, opts.force, extra, opts.logger, jobs=opts.jobs)
+        return run_suite(opts.suite, opts.out, opts.only, opts.force, extra, opts.logger, jobs=opts.jobs,
+                         adopt=opts.adopt)
     except (SuiteError, RunsFailed) as err:
         raise SystemExit(f"error: {err}") from None
