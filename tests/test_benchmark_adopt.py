@@ -14,20 +14,9 @@ from lightning_flows.benchmark import runner
 from lightning_flows.benchmark.adopt import adopt_results
 from lightning_flows.benchmark.store import Store
 from lightning_flows.benchmark.suite import SuiteError, load_suite
+from test_benchmark import TINY, _count_runs  # the tiny two-model toy suite; a counter of trained runs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "seeds": [0],
-    "models": ["realnvp", "flow_matching"],
-    "evaluation": {"n_samples": 60, "sample_batch_size": 30, "max_likelihood_examples": 60, "progress": False,
-                   "kid_subsets": 5},
-    "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-                "enable_model_summary": False},
-    "overrides": [{"model": "flow_matching", "reason": "a cheap sampler keeps the test fast",
-                   "args": {"model.init_args.sampler": {"method": "euler", "steps": 4},
-                            "model.init_args.likelihood_solver": {"method": "rk4", "steps": 4}}}],
-}
 
 
 @pytest.fixture
@@ -43,13 +32,6 @@ def suite(tmp_path) -> Path:
     return path
 
 
-def _trained(monkeypatch) -> list[str]:
-    calls = []
-    real_run_one = runner.run_one
-    monkeypatch.setattr(runner, "run_one", lambda plan, *a, **k: calls.append(plan.name) or real_run_one(plan, *a, **k))
-    return calls
-
-
 def test_adopting_a_report_retrains_only_the_changed_model_and_reports_both(suite, tmp_path, monkeypatch):
     first = tmp_path / "first"
     runner.run_suite(suite, first, root=ROOT)
@@ -59,7 +41,7 @@ def test_adopting_a_report_retrains_only_the_changed_model_and_reports_both(suit
     config = suite.parent / "configs" / "flow_matching.yaml"
     config.write_text(config.read_text() + "# a new recipe\n")  # a new key for flow matching only
 
-    calls = _trained(monkeypatch)
+    calls = _count_runs(monkeypatch)
     out = tmp_path / "out"
     table = runner.run_suite(suite, out, root=ROOT, adopt=snapshot / "results.json")
     assert calls == ["flow_matching/8gaussians/seed0"]  # realnvp adopted, flow matching trained
