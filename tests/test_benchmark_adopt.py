@@ -55,6 +55,8 @@ def test_adopting_a_report_retrains_only_the_changed_model_and_reports_both(suit
         "flow_matching"]
     text = table.read_text()
     assert "1 of 2 runs (realnvp) were not retrained for this report" in text and "| realnvp |" in text
+    # No montage: the adopted run has its picture but not its samples, and a montage without it would look whole.
+    assert (first / "montage.png").is_file() and not (out / "montage.png").exists() and "montage.png" not in text
     assert (out / "samples" / "8gaussians__realnvp__seed0.png").read_bytes() == \
         (snapshot / "samples" / "8gaussians__realnvp__seed0.png").read_bytes()
 

@@ -197,14 +197,19 @@ def _write_figures(suite, entries, rows, out: Path, image_datasets: set[str]) ->
             curves = budget_curves(rows, image_datasets, metric, out / f"budget_{metric}.png")
             if curves is not None:
                 figures[f"{metric} against training steps and seconds"] = curves
-    samples = {}
+    samples, without = {}, []
     for row in rows:
         path = Store(out).link(_slug(row)) / "samples.pt"
-        if row["seed"] == min(r["seed"] for r in rows) and path.is_file():
+        if row["seed"] == min(r["seed"] for r in rows):
+            if not path.is_file():  # an adopted run (--adopt) keeps its picture, samples/<run>.png, not its samples
+                without.append(row["model"])
+                continue
             kept = torch.load(path, weights_only=True)
             dm = suite.datamodule(row["dataset"])
             samples[(row["dataset"], row["model"])] = dm.to_pixels(kept) if dm.is_discrete else kept
-    if samples:
+    if without or not samples:  # a montage missing some models would read as the whole suite: none, not a stale one
+        (out / "montage.png").unlink(missing_ok=True)
+    else:
         real = {d: _real_for_montage(suite.datamodule(d, seed=0), 2000 if d not in image_datasets else 36)
                 for d in {d for d, _ in samples}}
         figures["samples of every model beside real data"] = montage(samples, real, out / "montage.png",
