@@ -45,6 +45,10 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
                                                                                                            16)
         assert conditional["model"]["init_args"].pop("field") == "mlp"
         assert plain["model"]["init_args"]["hidden"] == conditional["model"]["init_args"]["hidden"] == 256
+        # The unconditional one's constant rate diverged at 3,000 steps (its file); the conditional suite's 600 steps
+        # of the MLP field did not, and its snapshot keeps the rate it was measured with.
+        assert (plain["model"]["init_args"].pop("lr_schedule"), conditional["model"]["init_args"].pop("lr_schedule")) \
+            == ("cosine", "constant")
     if family == "realnvp":  # wider coupling networks for ten class densities (class accuracy: its file)
         assert (plain["model"]["init_args"].pop("hidden"), conditional["model"]["init_args"].pop("hidden")) == (64, 128)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
