@@ -49,6 +49,9 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
         # of the MLP field did not, and its snapshot keeps the rate it was measured with.
         assert (plain["model"]["init_args"].pop("lr_schedule"), conditional["model"]["init_args"].pop("lr_schedule")) \
             == ("cosine", "constant")
+        weights = [(plain["model"]["init_args"].pop(k), conditional["model"]["init_args"].pop(k))
+                   for k in ("kinetic_weight", "jacobian_weight")]
+        assert weights == [(0.01, 0.001)] * 2  # RNODE .01 steadied that rate's end (its file); not measured here
     if family == "realnvp":  # wider coupling networks for ten class densities (class accuracy: its file)
         assert (plain["model"]["init_args"].pop("hidden"), conditional["model"]["init_args"].pop("hidden")) == (64, 128)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
