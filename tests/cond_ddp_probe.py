@@ -1,8 +1,8 @@
 """Run by tests/test_conditional_ddp.py: class-conditional models for a few batches on 2 CPU ranks (gloo) under DDP,
 on labelled ``(x, y)`` batches: a conv GAN (projection discriminator, spectral norm, batch norm, R1), multi-scale
 RealNVP, Glow and NSF (the label in every coupling network and a per-class base, ActNorm), a conv CVAE and a CNF with
-the MLP field and with the conv field (the label in every layer of its field, a per-class base, Hutchinson training
-with RNODE penalties).
+the MLP field, the conv field and their sum, the digits config's ``conv_mlp`` (the label in every layer of its field, a
+per-class base, Hutchinson training with RNODE penalties).
 
 Each run uses the callbacks the CLI adds to every fit (per-rank step seeds, buffers synced at the end); Lightning's
 "ddp" strategy relaunches this script once per extra rank and later fits reuse the processes. For each family every
@@ -33,6 +33,11 @@ FAMILIES = {
     "cnf_conv": lambda: CNF((1, 8, 8), field="conv", channels=4, depth=1, normalize=True,
                             train_divergence="hutchinson", train_solver={"method": "rk4", "steps": 2},
                             kinetic_weight=0.01, jacobian_weight=0.01, num_classes=CLASSES),
+    # The digits config's field (conv + MLP): the exact trace is the conv part's coloured passes plus the MLP's closed
+    # form.
+    "cnf_conv_mlp": lambda: CNF((1, 8, 8), field="conv_mlp", channels=4, hidden=8, depth=1, normalize=True,
+                                train_divergence="hutchinson", train_solver={"method": "rk4", "steps": 2},
+                                kinetic_weight=0.01, jacobian_weight=0.01, num_classes=CLASSES),
     "gan": lambda: GAN((1, 8, 8), network="conv", base_channels=8, latent_dim=8, spectral_norm=True, r1_gamma=1.0,
                        num_classes=CLASSES),
     "glow": lambda: Glow((1, 8, 8), levels=2, steps=1, hidden=8, num_classes=CLASSES),

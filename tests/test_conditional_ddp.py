@@ -1,5 +1,5 @@
-"""Class-conditional GAN, RealNVP, Glow, NSF, CVAE and CNF (MLP and conv fields) under 2-rank gloo DDP on labelled
-(x, y) batches: the ranks see disjoint shards with each image's own label, draw different noise, train the
+"""Class-conditional GAN, RealNVP, Glow, NSF, CVAE and CNF (MLP, conv and conv + MLP fields) under 2-rank gloo DDP on
+labelled (x, y) batches: the ranks see disjoint shards with each image's own label, draw different noise, train the
 class-specific weights and end identical."""
 
 import sys
@@ -16,6 +16,7 @@ STEPS = 3
 # and the label's inputs of its decoder (both in these first layers), the CNF's per-class field shifts and base.
 FLOW_CLASS_WEIGHTS = ["flow.base.loc", "flow.base.log_scale", ".conditioner.context."]
 CLASS_WEIGHTS = {"cnf": ["field.class_shifts.", "class_base."], "cnf_conv": ["field.class_shifts.", "class_base."],
+                 "cnf_conv_mlp": ["field.conv.class_shifts.", "field.mlp.class_shifts.", "class_base."],
                  "gan": ["class_projection."], "glow": FLOW_CLASS_WEIGHTS, "nsf": FLOW_CLASS_WEIGHTS,
                  "realnvp": FLOW_CLASS_WEIGHTS, "vae": ["encoder.features.0.", "decoder.project.0."]}
 
@@ -56,10 +57,10 @@ def test_conditional_family_on_two_cpu_ranks_shards_labelled_batches_and_ends_id
 
 
 @pytest.mark.timeout(450)
-@pytest.mark.parametrize("family", ["cnf", "cnf_conv"])
+@pytest.mark.parametrize("family", ["cnf", "cnf_conv", "cnf_conv_mlp"])
 def test_conditional_cnf_exact_likelihood_on_two_ranks_equals_one_process_and_the_brute_force_trace(ddp_runs, family):
-    """Each rank's exact log p(x | y) of its share (the conv field through its coloured trace) equals one process's on
-    the trained weights, and the conv field's equals the uncoloured trace's (one VJP per coordinate)."""
+    """Each rank's exact log p(x | y) of its share (the conv fields through their coloured traces) equals one process's
+    on the trained weights, and the conv fields' equal the uncoloured trace's (one VJP per coordinate)."""
     from cond_ddp_probe import FAMILIES, LIKELIHOOD_EXAMPLES
 
     rank0, rank1 = (torch.load(ddp_runs / f"{family}_rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -78,5 +79,9 @@ def test_conditional_cnf_exact_likelihood_on_two_ranks_equals_one_process_and_th
         if family == "cnf_conv":
             assert colouring is not None and int(colouring((1, 8, 8)).max()) + 1 < 64  # the trace is coloured
             model.field.divergence_colouring = None  # AugmentedDynamics then takes one VJP per coordinate
+            assert torch.allclose(model.log_prob(x, y), single, rtol=1e-5, atol=1e-4)
+        if family == "cnf_conv_mlp":  # the conv part's coloured passes plus the MLP's closed form
+            assert int(model.field.conv.divergence_colouring((1, 8, 8)).max()) + 1 < 64
+            model.field.conv.divergence_colouring = lambda shape: None  # one VJP per coordinate for the conv part
             assert torch.allclose(model.log_prob(x, y), single, rtol=1e-5, atol=1e-4)
 

@@ -42,6 +42,25 @@ def test_the_conv_fields_colouring_is_true_of_its_jacobian(shape, depth):
     assert jac[:, too_small].abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("per_example_time", [False, True])
+def test_the_conv_field_is_the_convolution_of_the_image_and_a_constant_time_channel(per_example_time):
+    """The field splits each layer into the image's convolution plus ``t`` times the time kernel's map of ones (16
+    input channels instead of 17, for speed); that is the layer it is defined as, conv([h, t]) with zero padding."""
+    torch.manual_seed(0)
+    net = ConcatConvField((2, 6, 7), channels=5, depth=2, num_classes=3).double()
+    for shifts in net.class_shifts:  # trained shifts are nonzero; they must land after each convolution
+        torch.nn.init.normal_(shifts)
+    x = torch.randn(4, 2, 6, 7, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2])
+    t = torch.tensor([0.1, 0.5, 0.9, 0.3], dtype=torch.float64) if per_example_time else torch.tensor(0.7).double()
+    t_channel = torch.as_tensor(t).expand(4)[:, None, None, None].expand(4, 1, 6, 7)
+    h = x
+    for i, conv in enumerate(net.convs):
+        h = conv(torch.cat([h, t_channel], dim=1)) + net.class_shifts[i][y][:, :, None, None]
+        h = net.act(h) if i < len(net.convs) - 1 else h
+    assert torch.allclose(net(x, t, y), h, rtol=1e-12, atol=1e-12)
+
+
 def test_local_colouring_counts():
     assert int(local_colouring((1, 8, 8), radius=4).max()) + 1 == 25  # the digits field: 25 passes, not 64
     assert int(local_colouring((3, 8, 8), radius=1).max()) + 1 == 12  # channels of one pixel never share

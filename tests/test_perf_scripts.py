@@ -1,8 +1,8 @@
 """The performance scripts run as their docstrings say: the GPU check refuses clearly without a GPU and runs every
-configuration on the CPU in its dry-run mode; the throughput, overhead, CNF, trace-cost, toy-NLL, likelihood-tolerance
-and peer benchmarks work end to end at small sizes. (The NFE and guidance sweeps: tests/test_nfe_sweep.py and
-tests/test_guidance_sweep.py.) Scripts that are not about process-level behaviour run in this process, through
-their ``main(argv)``, so that each costs seconds."""
+configuration on the CPU in its dry-run mode; the throughput, overhead, CNF, trace-cost, conv time channel, toy-NLL,
+likelihood-tolerance and peer benchmarks work end to end at small sizes. (The NFE and guidance sweeps:
+tests/test_nfe_sweep.py and tests/test_guidance_sweep.py.) Scripts that are not about process-level behaviour run in
+this process, through their ``main(argv)``, so that each costs seconds."""
 
 from __future__ import annotations
 
@@ -219,3 +219,18 @@ def test_trace_colouring_times_the_committed_field_both_ways(capsys):
     assert row["max_difference"] < 1e-5 and row["plain_s"] > 0 and row["coloured_s"] > 0
     _script("trace_colouring").main(["--batch", "2", "--repeats", "1"])
     assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_conv_time_channel_times_both_forms_of_the_committed_field_and_restores_the_split_one(capsys):
+    from lightning_flows.nn.ode_functions import ConcatConvField
+
+    committed = ConcatConvField.forward
+    script = _script("conv_time_channel")
+    row = script.measure(train_batch=4, trace_batch=3, repeats=1)
+    assert ConcatConvField.forward is committed
+    # The two forms are one function: the same training loss and trace up to float rounding.
+    assert row["train_max_difference"] < 1e-4 and row["trace_max_difference"] < 1e-4
+    assert all(row[f"{what}_{name}_s"] > 0 for what in ("train", "trace") for name in ("concatenated", "split"))
+    script.main(["--train-batch", "2", "--trace-batch", "2", "--repeats", "1"])
+    assert "| training step, batch 2 |" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_flows.nn.mlp import make_activation
@@ -314,11 +315,17 @@ class ConcatConvField(nn.Module):
         """``f(x, t)``, or ``f(x, t, y)`` for class labels ``y: (B,)`` (a field built with ``num_classes``)."""
         if y is not None and self.class_shifts is None:
             raise ValueError("this field is unconditional (num_classes=0): call it without class labels.")
-        t = broadcast_time(t, x.shape[0], x)
-        t_channel = t[:, None, None, None].expand(x.shape[0], 1, *x.shape[2:])
+        t = broadcast_time(t, x.shape[0], x)[:, None, None, None]
+        ones = x.new_ones(1, 1, *x.shape[2:])
         h = x
         for i, conv in enumerate(self.convs):
-            h = conv(torch.cat([h, t_channel], dim=1))
+            # conv([h, t]) with t a constant channel is conv_h(h) + t * conv_t(ones): the same layer without the
+            # (B, 1, H, W) channel in every pass (oneDNN runs 16 input channels faster than 17 on CPU), the time map
+            # one 1-channel convolution per layer instead of one channel per example. On the digits CNF, one
+            # thread: the exact trace ~1.2x and a training step ~1.05x faster
+            # (experiments/benchmarks/conv_time_channel.py). The weights keep the concatenated layout.
+            time_map = F.conv2d(ones, conv.weight[:, -1:], padding=1)  # (1, out, H, W)
+            h = F.conv2d(h, conv.weight[:, :-1], conv.bias, padding=1) + t * time_map
             if y is not None:
                 h = h + self.class_shifts[i][y][:, :, None, None]
             if i < len(self.convs) - 1:
