@@ -136,6 +136,26 @@ def test_ddp_ranks_follow_rank_zero_past_a_run_another_process_holds(tmp_path):
     assert "realnvp/8gaussians/seed1" in table and "being trained by process" in table
 
 
+@pytest.mark.slow  # a single-process run, then two DDP ranks training one: ~25 s on a quiet 2-core machine
+def test_ddp_ranks_train_the_runs_rank_zero_did_not_adopt(tmp_path):
+    """--adopt under --trainer.devices 2: rank zero adopts the earlier report's run before the session starts, the
+    rank Lightning starts (which runs the benchmark command again, --adopt included) adopts nothing itself and joins
+    exactly the run rank zero trains, and the report holds the adopted row beside the one both ranks trained."""
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")  # in the run keys
+    first_suite = _suite(tmp_path, models=["realnvp"], seeds=[0])
+    first = tmp_path / "first"
+    _finish(_start(first_suite, first, *ddp))
+    suite, out = _suite(tmp_path, models=["realnvp"], seeds=[0, 1]), tmp_path / "out"
+    output = _finish(_start(suite, out, "--adopt", str(first / "results.json"), *ddp))
+    assert _trained(output) == Counter({"realnvp/8gaussians/seed1": 1})
+    assert len(re.findall(r"adopted 1 finished run", output)) == 1, output[-3000:]  # rank zero only
+    runs = {r["seed"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    earlier = json.loads((first / "results.json").read_text())["runs"][0]
+    assert set(runs) == {0, 1} and runs[1]["devices"] == 2 and "adopted_from" not in runs[1]
+    assert runs[0]["adopted_from"] and runs[0]["key"] == earlier["key"] and runs[0]["devices"] == 2
+    assert not list((out / "locks").glob("ranks-*"))
+
+
 @pytest.mark.slow  # ~15 s on a quiet 2-core machine
 def test_sigterm_stops_the_suite_after_the_batch_without_publishing_the_run(tmp_path):
     """SIGTERM while the first of two runs trains: that run is not published (its attempt is deleted), the
