@@ -52,13 +52,13 @@ def test_the_schedule_is_part_of_the_key_and_its_absence_keeps_the_old_key(tmp_p
     assert "EvaluationSchedule" not in " ".join(runner.run_arguments(plain, None, tmp_path, "csv"))
 
 
-def test_the_standard_suite_dry_runs_the_seven_families_and_the_two_beyond_with_its_schedule(capsys):
+def test_the_standard_suite_dry_runs_the_seven_families_nsf_and_the_two_beyond_with_its_schedule(capsys):
     suite = load_suite(ROOT / "experiments" / "suites" / "standard.yaml", ROOT)
     assert {p.steps for p in suite.runs} == {3000} and suite.seeds == [0, 1, 2]
     assert all(p.curve_steps() == ([300, 900], []) for p in suite.runs)
     rows = runner.dry_run(suite, Path("unused"), [])
-    assert {r["family"] for r in rows} == {"VAE", "GAN", "RealNVP", "Glow", "CNF", "Diffusion", "FlowMatching",
-                                           "TarFlow", "MeanFlow"}
+    assert {r["family"] for r in rows} == {"VAE", "GAN", "RealNVP", "Glow", "NSF", "CNF", "Diffusion",
+                                           "FlowMatching", "TarFlow", "MeanFlow"}
     assert "Suite 'standard'" in capsys.readouterr().out
 
 

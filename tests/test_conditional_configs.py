@@ -52,6 +52,10 @@ def test_conditional_config_is_the_family_recipe_with_labelled_data(family):
         weights = [(plain["model"]["init_args"].pop(k), conditional["model"]["init_args"].pop(k))
                    for k in ("kinetic_weight", "jacobian_weight")]
         assert weights == [(0.01, 0.001)] * 2  # RNODE .01 steadied that rate's end (its file); not measured here
+    if family == "nsf":  # the logit margin .005 came to the unconditional file at the standard budget (its file); the
+        # conditional snapshot was measured with the default .05 and keeps it
+        assert plain["model"]["init_args"].pop("logit_alpha") == 0.005
+        assert "logit_alpha" not in conditional["model"]["init_args"]
     if family == "realnvp":  # wider coupling networks for ten class densities (class accuracy: its file)
         assert (plain["model"]["init_args"].pop("hidden"), conditional["model"]["init_args"].pop("hidden")) == (64, 128)
     if family in {"realnvp", "glow", "nsf"}:  # the conditional flows' EMA (experiments/results/recipe/, cond600)
