@@ -94,3 +94,32 @@ def test_a_missing_or_foreign_file_is_a_clear_error(suite, tmp_path, capsys, con
         adopt_results(Store(tmp_path / "out"), load_suite(suite, ROOT).runs, path)
     with pytest.raises(SystemExit, match=message):  # the CLI says it in one line, before anything trains
         runner.benchmark_main(["--suite", str(suite), "--out", str(tmp_path / "cli"), "--adopt", str(path)])
+
+
+def test_an_adopted_row_shows_the_current_null_and_a_changed_null_draw_count_keeps_the_keys(suite, tmp_path,
+                                                                                             monkeypatch):
+    """The real-vs-real null is data only: a snapshot evaluated with another null_draws (or an older null) is adopted
+    (its keys hold), and the report shows each adopted row with the null this evaluator computes, its metrics as
+    they were."""
+    first = tmp_path / "first"
+    runner.run_suite(suite, first, root=ROOT)
+    report = json.loads((first / "results.json").read_text())
+    current = {r["model"]: r for r in report["runs"]}
+    for row in report["runs"]:  # what an older evaluator wrote: 20 draws, another std
+        row.update(null_draws=20, energy_distance_null_std=1e-9, energy_distance_within_noise=False)
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(report))
+    spec = yaml.safe_load(suite.read_text())
+    suite.write_text(yaml.safe_dump({**spec, "evaluation": {**spec["evaluation"], "null_draws": 37}}))
+    assert {p.key() for p in load_suite(suite, ROOT).runs} == {r["key"] for r in report["runs"]}
+
+    calls = _count_runs(monkeypatch)
+    out = tmp_path / "out"
+    runner.run_suite(suite, out, root=ROOT, adopt=stale)
+    assert calls == []  # every run adopted
+    for row in json.loads((out / "results.json").read_text())["runs"]:
+        before = current[row["model"]]
+        assert row["null_draws"] == 37 and row["energy_distance"] == before["energy_distance"]
+        assert row["energy_distance_null_std"] not in (1e-9, before["energy_distance_null_std"])
+        mean, std = row["energy_distance_null_mean"], row["energy_distance_null_std"]
+        assert row["energy_distance_within_noise"] == (abs(row["energy_distance"] - mean) <= 2 * std)

@@ -53,8 +53,8 @@ def gaussians():
 
 
 def quality_spec(tmp_path, **kwargs) -> EvaluationSpec:
-    return EvaluationSpec(n_samples=1000, sample_batch_size=500, likelihood=False, timing=False, progress=False,
-                          null_draws=10, cache_dir=str(tmp_path), **kwargs)
+    return EvaluationSpec(**{"n_samples": 1000, "sample_batch_size": 500, "likelihood": False, "timing": False,
+                             "progress": False, "null_draws": 10, "cache_dir": str(tmp_path), **kwargs})
 
 
 def test_a_ring_scores_clearly_worse_than_the_true_mixture_beside_the_real_vs_real_null(gaussians, tmp_path):
@@ -107,3 +107,27 @@ def test_a_density_with_bounded_support_reports_the_fraction_off_it(tmp_path):
     result = Evaluator(quality_spec(tmp_path)).evaluate(Sampler(lambda n: torch.randn(n, 2) * 2), board)
     assert "ce_gap_nats" not in result and 0.3 < result["off_support_fraction"] < 0.8
     assert result["mmd_bandwidth_source"] == "median heuristic"
+
+
+def test_a_stored_result_takes_the_current_null_and_keeps_its_own_numbers(gaussians, tmp_path):
+    """The null is data only: a report recomputes it for a finished run (e.g. adopted from a snapshot evaluated with
+    fewer null draws) without touching the run's metrics, and refuses a reference the run was not scored against."""
+    result = Evaluator(quality_spec(tmp_path)).evaluate(Sampler(true_mixture), gaussians)
+    result["curve"] = [{key: value for key, value in result.items() if isinstance(value, (int, float))
+                        and not isinstance(value, bool)}]
+    fresh = Evaluator(quality_spec(tmp_path, null_draws=30))
+    refreshed = fresh.refresh_nulls(result, gaussians)
+    direct = fresh.evaluate(Sampler(true_mixture), gaussians)  # same run seed: the same samples
+    assert refreshed["null_draws"] == 30 and result["null_draws"] == 10
+    for key in ("energy_distance", "mmd", "ce_gap_nats"):
+        assert refreshed[key] == result[key] == direct[key]  # the run's own numbers stay
+        for suffix in ("_null_mean", "_null_std", "_within_noise"):
+            assert refreshed[key + suffix] == direct[key + suffix], key + suffix
+        assert refreshed[key + "_null_std"] != result[key + "_null_std"]
+        assert refreshed["curve"][0][key + "_null_std"] == direct[key + "_null_std"]
+    assert "energy_distance_within_noise" not in refreshed["curve"][0]  # a curve point keeps its own keys
+    images = {"fid": 30.0, "n_quality": 500}
+    assert fresh.refresh_nulls(images, gaussians) == images  # no null: unchanged
+    other = GenerativeDataModule("8gaussians", seed=1)
+    with pytest.raises(ValueError, match="not the points it was scored against"):
+        fresh.refresh_nulls(result, other)

@@ -8,6 +8,7 @@
     python experiments/benchmarks/evaluation_checks.py spread OUT  # quick digits runs in this process's threads/ISA
     python experiments/benchmarks/evaluation_checks.py toy RESULTS # a benchmark's 8-Gaussian runs: the 2D metrics
     python experiments/benchmarks/evaluation_checks.py compare A B  # two benchmarks' results.json, run by run
+    python experiments/benchmarks/evaluation_checks.py null        # how many real-vs-real draws the 2D null needs
 
 * ``floor``: a classifier trained (the shipped recipe) on a random half of the digits training split; the FID of
   500 digits it trained on and of 500 it never saw, each against the 180 test digits (why the floor's images are
@@ -26,6 +27,10 @@
 * ``compare``: two ``results.json`` of the same suite (e.g. ``--jobs 2`` against ``--jobs 1``: 1 against 2 torch
   threads per run, or two machines): how many of the numbers shared by runs of equal key are identical, and per
   metric the largest difference relative to the seed spread of the first (|a - b| / |seed 0 - seed 1|).
+* ``null``: 600 real sets of 2,000 points of each toy density (the evaluator's own null draws, ``null_draws``: 600)
+  scored against the reference like samples: each metric's mean and std over all 600, and the std over each block of
+  20 and of 200 consecutive draws (the former and the current ``null_draws``), to show how far a block's std
+  wanders from the 600's.
 * ``spread``: trains realnvp, vae and gan on digits at the quick budget (seed 0) and evaluates them with the suite's
   spec; run it at other thread counts (``--threads``) or ISAs and compare the JSON files.
 """
@@ -197,6 +202,33 @@ def toy_check(results: Path) -> dict:
     return rows
 
 
+def null_check(draws: int = 600, n: int = 2000) -> dict:
+    from lightning_flows.data import GenerativeDataModule
+    from lightning_flows.evaluation.point_quality import _null_sets, distribution_metrics, mean_and_std, point_reference
+
+    torch.set_num_threads(2)
+    out = {}
+    for dataset in ("8gaussians", "checkerboard"):
+        dm = GenerativeDataModule(dataset)
+        ref = point_reference(dm, "test", "train", n, 2)  # the reference, bandwidth and density (no cache)
+        values: dict[str, list[float]] = {}
+        for points in _null_sets(dm, "train", n, draws)[0]:
+            for metric, value in distribution_metrics(points, ref).items():
+                values.setdefault(metric, []).append(value)
+        out[dataset] = {}
+        for metric, v in values.items():
+            mean, std = mean_and_std(v)
+            if std == 0:
+                continue  # the CE gap of the checkerboard: 0 for every real point
+            entry = {"mean": mean, "std": std}
+            for block in (20, 200):
+                stds = sorted(mean_and_std(v[i:i + block])[1] for i in range(0, draws - block + 1, block))
+                entry[f"std_of_{block}"] = {"first": mean_and_std(v[:block])[1], "min": stds[0],
+                                            "median": stds[len(stds) // 2], "max": stds[-1], "blocks": len(stds)}
+            out[dataset][metric] = entry
+    return out
+
+
 COMPARED = ("bpd_discrete", "nll_gap_exact", "nll_gap_bound", "fid", "precision", "recall", "energy_distance",
             "ce_gap_nats", "fid_floor", "energy_distance_null_mean")
 
@@ -234,7 +266,7 @@ def compare_check(first: Path, second: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("check", choices=("floor", "ring", "iw", "hutchinson", "classifier", "spread", "toy",
-                                                         "compare"))
+                                                         "compare", "null"))
     parser.add_argument("paths", nargs="*", help="checkpoints (iw, hutchinson), the output folder (spread) or a "
                                                   "benchmark's results.json (toy)")
     parser.add_argument("--threads", type=int, default=1)
@@ -251,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         result = classifier_check()
     elif opts.check == "compare":
         result = compare_check(Path(opts.paths[0]), Path(opts.paths[1]))
+    elif opts.check == "null":
+        result = null_check()
     elif opts.check == "toy":
         result = toy_check(Path(opts.paths[0] if opts.paths else "outputs/benchmark/results.json"))
     else:

@@ -593,6 +593,21 @@ def _follow_rank_zero(announcements: RankZeroAnnouncements, plans: list[RunPlan]
             return  # every rank stopped at the same batch; rank zero ends the suite
 
 
+def _with_current_null(row: dict, plan: RunPlan, suite: Suite, datamodules: dict) -> dict:
+    """``row`` with the real-vs-real null of this evaluator (``Evaluator.refresh_nulls``): the null is data only and
+    its draw count is not part of the key, so an adopted or earlier run shows today's null without retraining. Kept
+    as it was, with a message, when the suite's data is not the reference the run was scored against."""
+    if "null_draws" not in row:
+        return row
+    if plan.dataset not in datamodules:
+        datamodules[plan.dataset] = suite.datamodule(plan.dataset)
+    try:
+        return Evaluator(plan.evaluation).refresh_nulls(row, datamodules[plan.dataset])
+    except ValueError as err:
+        say(f"{plan.name}: {err}")
+        return row
+
+
 def write_suite_report(suite: Suite, plans: list[RunPlan], store: Store, root: str | Path, logger: str,
                        outcomes: list[Outcome]) -> Path:
     """The report from every finished run of ``plans`` (the whole suite) whose key matches, under the report
@@ -600,13 +615,14 @@ def write_suite_report(suite: Suite, plans: list[RunPlan], store: Store, root: s
     from lightning_flows.benchmark.report import write_report
 
     seen = {o.run: o for o in outcomes}
+    datamodules: dict[str, object] = {}
     with store.report_lock():
         store.remove_report_leftovers()
         rows, missing = [], {}
         for plan in plans:
             row = store.finished(plan.slug, plan.key())
             if row is not None:
-                rows.append(row)
+                rows.append(_with_current_null(row, plan, suite, datamodules))
                 continue
             outcome = seen.get(plan.name)
             if outcome is not None and outcome.status == "busy":

@@ -48,6 +48,11 @@ DATASET_KEYS = {"configs", "steps", "batch_size", "evaluation", "recipe", "model
 
 # Evaluation settings that cannot change a number (so they are not part of a run's key).
 COSMETIC_SETTINGS = ("progress", "cache_dir")
+# Evaluation settings of the real-vs-real null, which is data only: they change no number a model produces, and a
+# report recomputes every row's null with the current ones (``Evaluator.refresh_nulls``), so they are not part of a
+# run's key. Keys carry the values they had while they were keyed (null_draws was 20 until 2026-12-07), so that the
+# keys of every run and snapshot made before stay valid.
+NULL_SETTINGS_AS_KEYED = {"null_draws": 20}
 # Extra `lightning-flows fit` arguments given to the benchmark that cannot change a number: drawing a progress
 # bar or printing the model summary runs no random draw and touches no weight. Every other extra argument is
 # part of the key (a different spelling of the same setting, e.g. `--a=1` for `--a 1`, only costs a retrain).
@@ -106,8 +111,9 @@ class RunPlan:
 
     def key(self) -> str:
         """Hash of everything that defines the result: config file contents, arguments (the benchmark's extra
-        fit arguments included, but for the cosmetic ones), seed, evaluation."""
+        fit arguments included, but for the cosmetic ones), seed, evaluation (but for the null's settings)."""
         evaluation = {k: v for k, v in self.evaluation.to_dict().items() if k not in COSMETIC_SETTINGS}
+        evaluation.update(NULL_SETTINGS_AS_KEYED)
         payload = {"config": self.config.read_text(), "args": self.args, "seed": self.seed,
                    "evaluation": evaluation, "steps": self.steps, "batch_size": self.batch_size}
         counted = arguments_that_count(self.extra)

@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_flows.evaluation.likelihood import Dequantisation, split_likelihood
 from lightning_flows.evaluation.likelihood_labels import is_upper_bound, iw_label, label, likelihood_traits
 from lightning_flows.evaluation.point_quality import (SAMPLING_STD_METRICS, PointReference, mean_and_std, null_fields,
-                                                      point_metrics, point_reference)
+                                                      point_metrics, point_reference, refresh_nulls)
 from lightning_flows.evaluation.reference import (FloorSet, build_extractor, extract_features, floor_features,
                                                   floor_set, real_pixels, reference_features)
 from lightning_flows.evaluation.samples import chunk_seed, gather_chunks, generate_chunks, rank_chunks, warm_up
@@ -452,6 +452,16 @@ class Evaluator:
                                       self.spec.sample_batch_size, progress=bar(floor.name))
             self._reference[key] = (reference, features, floor)
         return self._reference[key]
+
+    def refresh_nulls(self, row: dict, datamodule) -> dict:
+        """A finished 2D run's row, and each point of its curve, with this evaluator's real-vs-real null (data only:
+        :func:`lightning_flows.evaluation.point_quality.refresh_nulls`); rows without a null come back unchanged."""
+        split = row.get("reference_split", self.spec.reference_split)
+        draws = self.spec.null_draws
+        out = refresh_nulls(row, datamodule, split, draws, self.cache_dir)
+        if isinstance(row.get("curve"), list):
+            out["curve"] = [refresh_nulls(point, datamodule, split, draws, self.cache_dir) for point in row["curve"]]
+        return out
 
     def _point_quality(self, samples: Tensor, datamodule) -> dict:
         """Sample quality of 2D data (:mod:`lightning_flows.evaluation.point_quality`) with each metric's null."""

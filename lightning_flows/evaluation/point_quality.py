@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_flows.data.toy2d import TOY_MODES, TOY_SAMPLERS
+from lightning_flows.evaluation.spec import floor_split_for
 from lightning_flows.metrics import energy_distance, mode_coverage, precision_recall
 from lightning_flows.metrics.cross_entropy_gap import cross_entropy_gap
 from lightning_flows.metrics.kernel_mmd import gaussian_mmd2, median_bandwidth
@@ -155,6 +156,31 @@ def point_reference(datamodule, reference_split: str, floor_split: str, n: int, 
                                    "null": ref.null}))
         os.replace(tmp, path)  # atomic: a concurrent reader (another rank) never sees half a file
     return ref
+
+
+def refresh_nulls(result: dict, datamodule, reference_split: str, null_draws: int,
+                  cache_dir: Path | None = None) -> dict:
+    """``result`` (a finished 2D run's row, or one point of its curve) with its null fields recomputed from
+    ``null_draws`` real sets: the null is data only, so a stored result takes the current evaluator's null without
+    retraining or resampling, and its own metrics stay as they were. A result without a null (images) comes back
+    unchanged. Raises ``ValueError`` when ``datamodule``'s reference is not the one the result was scored against
+    (its ``energy_distance_floor`` differs), so that a null is never set beside another reference's numbers."""
+    if "null_draws" not in result or "n_quality" not in result:
+        return result
+    n, floor_split = int(result["n_quality"]), floor_split_for(reference_split)
+    ref = point_reference(datamodule, reference_split, floor_split, n, null_draws, cache_dir)
+    if "energy_distance_floor" in result:
+        floor = float(energy_distance(datamodule.split(floor_split)[:n], ref.reference))
+        if not math.isclose(floor, result["energy_distance_floor"], rel_tol=1e-4, abs_tol=1e-7):
+            raise ValueError(f"the {datamodule.dataset} reference rebuilt here has the energy-distance floor {floor:.6g}, "
+                             f"the result's is {result['energy_distance_floor']:.6g}: not the points it was scored "
+                             f"against, so its null is kept as it was.")
+    refreshed = dict(result)
+    refreshed.update({key: value for key, value in null_fields(result, ref).items() if key in result})
+    refreshed["null_draws"] = ref.null_draws
+    if "null_source" in result:
+        refreshed["null_source"] = ref.null_source
+    return refreshed
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float]:

@@ -47,7 +47,12 @@ class EvaluationSpec:
             ``pr_k``: the k of the k-NN precision/recall.
         null_draws: 2D data: real-vs-real draws at the samples' n (fresh draws of a toy density's sampler, else
             resplits of the floor split) whose std is the null std of the energy distance, the kernel MMD and
-            the cross-entropy gap.
+            the cross-entropy gap. 200: over 600 draws of 8 Gaussians at n = 2,000, the energy distance's std in
+            blocks of 20 ranged from 0.43x to 1.59x the std of all 600 (the former default's 20 were the lowest,
+            0.43x), in blocks of 200 from 0.97x to 1.06x (``python experiments/benchmarks/evaluation_checks.py
+            null``). ~15 s a dataset and n, once (cached). Not part
+            of a benchmark run's key: the null is data only, and a report recomputes it for every row it shows
+            (:func:`lightning_flows.evaluation.point_quality.refresh_nulls`).
         timing: measure ms/sample (after one warm-up call) and NFE/sample.
         straightness_paths: families that sample by an ODE (``model.sampling_ode()``): how many paths from
             noise to measure the straightness of (:func:`lightning_flows.metrics.path_straightness`); 0: none.
@@ -81,7 +86,7 @@ class EvaluationSpec:
     fid_sample_counts: list[int] | None = None
     kid_subsets: int = 100
     pr_k: int = 3
-    null_draws: int = 20
+    null_draws: int = 200
     timing: bool = True
     straightness_paths: int = 0
     straightness_steps: int = 50
