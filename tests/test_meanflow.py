@@ -107,6 +107,32 @@ def test_the_model_tangent_costs_one_more_forward_and_trains():
         MeanFlow((2,), jvp_tangent="teacher")
 
 
+def test_the_batch_target_velocity_aims_at_the_marginal_velocity_and_leaves_r_equal_t_alone():
+    """target_velocity: batch. On Gaussian data the closed-form mean flow is the exact answer, so its loss measures
+    the target's noise alone: with the batch posterior's v for the intervals it is a small fraction of the one-pair
+    v's; pairs with b = a keep flow matching's x1 - x0, so with every pair at r = t the two objectives are one."""
+    x1 = (MEAN + STD * torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))).double()
+    losses = {}
+    for target in ("path", "batch"):
+        model = gaussian_meanflow(jvp_tangent="model", target_velocity=target, times={"equal_share": 0.0},
+                                  loss={"power": 0.0}).double()
+        torch.manual_seed(2)
+        losses[target] = float(model.training_loss(x1))
+    assert losses["batch"] < 0.05 * losses["path"], losses
+    equal = {}
+    for target in ("path", "batch"):
+        model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 8, "depth": 1}, times={"equal_share": 1.0},
+                         target_velocity=target)
+        torch.manual_seed(0)
+        model.velocity.load_state_dict(MeanFlow((2,), backbone={"kind": "mlp", "hidden": 8, "depth": 1}).velocity
+                                       .state_dict())
+        torch.manual_seed(3)
+        equal[target] = model.training_loss(x1.float())
+    torch.testing.assert_close(equal["batch"], equal["path"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Unknown target_velocity 'teacher'"):
+        MeanFlow((2,), target_velocity="teacher")
+
+
 def test_with_r_equal_t_the_loss_and_its_gradient_are_flow_matchings():
     model = MeanFlow((2,), backbone={"kind": "mlp", "hidden": 16, "depth": 2}, times={"equal_share": 1.0},
                       loss={"power": 0.0})

@@ -172,9 +172,9 @@ def refresh_nulls(result: dict, datamodule, reference_split: str, null_draws: in
     if "energy_distance_floor" in result:
         floor = float(energy_distance(datamodule.split(floor_split)[:n], ref.reference))
         if not math.isclose(floor, result["energy_distance_floor"], rel_tol=1e-4, abs_tol=1e-7):
-            raise ValueError(f"the {datamodule.dataset} reference rebuilt here has the energy-distance floor {floor:.6g}, "
-                             f"the result's is {result['energy_distance_floor']:.6g}: not the points it was scored "
-                             f"against, so its null is kept as it was.")
+            raise ValueError(f"the {datamodule.dataset} reference rebuilt here has the energy-distance floor "
+                             f"{floor:.6g}, the result's is {result['energy_distance_floor']:.6g}: not the points it "
+                             f"was scored against, so its null is kept as it was.")
     refreshed = dict(result)
     refreshed.update({key: value for key, value in null_fields(result, ref).items() if key in result})
     refreshed["null_draws"] = ref.null_draws
