@@ -201,6 +201,17 @@ def test_gpu_suites_dry_run_on_a_cpu_without_their_data(suite, capsys):
     assert f"Suite '{suite}'" in printed and "inception vs train" in printed
 
 
+def test_the_2d_null_is_computed_once_before_parallel_workers_start(tmp_path):
+    """Each 2D dataset's null (data only) is written to the evaluator's cache by the suite's own process, so that
+    the first parallel runs read it instead of each computing it at one thread."""
+    cache = tmp_path / "cache"
+    suite = write_suite(tmp_path, evaluation={**TINY["evaluation"], "cache_dir": str(cache), "null_draws": 6})
+    plans = load_suite(suite, ROOT).runs
+    runner._prepare_point_nulls(plans, load_suite(suite, ROOT))
+    written = list((cache / "point_nulls").glob("8gaussians_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["draws"] == 6  # one dataset, one n: one null
+
+
 def test_parallel_workers_reproduce_the_suites_own_process(tmp_path, monkeypatch):
     """--jobs 2: two worker processes, each running one plan after another at one thread, give the numbers a
     one-thread run in the suite's own process gives (nothing a worker ran before leaks into the next run)."""

@@ -453,6 +453,12 @@ class Evaluator:
             self._reference[key] = (reference, features, floor)
         return self._reference[key]
 
+    def point_reference(self, datamodule, n: int) -> PointReference:
+        """The reference of ``n`` samples of a 2D dataset with its null (data only: computed once, then read from
+        the cache; the benchmark computes it before its parallel runs start)."""
+        split = self.spec.reference_split
+        return point_reference(datamodule, split, floor_split_for(split), n, self.spec.null_draws, self.cache_dir)
+
     def refresh_nulls(self, row: dict, datamodule) -> dict:
         """A finished 2D run's row, and each point of its curve, with this evaluator's real-vs-real null (data only:
         :func:`lightning_flows.evaluation.point_quality.refresh_nulls`); rows without a null come back unchanged."""
@@ -471,7 +477,7 @@ class Evaluator:
         floor_split = floor_split_for(spec.reference_split)
         key = (datamodule.dataset, datamodule.seed, spec.reference_split, n)
         if key not in self._point_reference:  # real data only: the same for every model and sampler
-            ref = point_reference(datamodule, spec.reference_split, floor_split, n, spec.null_draws, self.cache_dir)
+            ref = self.point_reference(datamodule, n)
             floor = datamodule.split(floor_split)[:n]
             self._point_reference[key] = ref
             self._point_floor[key] = float(energy_distance(floor, ref.reference))
