@@ -50,8 +50,8 @@ class EvaluationSpec:
             the cross-entropy gap. 200: over 600 draws of 8 Gaussians at n = 2,000, the energy distance's std in
             blocks of 20 ranged from 0.43x to 1.59x the std of all 600 (the former default's 20 were the lowest,
             0.43x), in blocks of 200 from 0.97x to 1.06x (``python experiments/benchmarks/evaluation_checks.py
-            null``). ~15 s a dataset and n, once (cached). Not part
-            of a benchmark run's key: the null is data only, and a report recomputes it for every row it shows
+            null``). ~15 s a dataset and n, once (cached). Not part of a benchmark run's key: the null is data
+            only, and a report recomputes it for every row it shows
             (:func:`lightning_flows.evaluation.point_quality.refresh_nulls`).
         timing: measure ms/sample (after one warm-up call) and NFE/sample.
         straightness_paths: families that sample by an ODE (``model.sampling_ode()``): how many paths from
